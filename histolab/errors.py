@@ -1,0 +1,40 @@
+"""Typed errors. The library raises these; the UI turns them into ``gr.Error``
+and the CLI into a one-line message with a non-zero exit."""
+
+from __future__ import annotations
+
+
+class HistolabError(Exception):
+    """Base of every error that histolab raises on purpose."""
+
+
+class InvalidRequest(HistolabError, ValueError):
+    """A request or argument is out of range; the message names the value."""
+
+
+class DataError(HistolabError):
+    """A dataset cannot be read or has no usable images."""
+
+
+class ModelNotFound(HistolabError):
+    """A base model, adapter or encoder is not where it was looked for."""
+
+
+class OfflineError(ModelNotFound):
+    """A hub id was asked for but the hub cannot be reached."""
+
+
+class UnsafeFile(HistolabError):
+    """A file is not in a format we load, or its content is not trustworthy."""
+
+
+class AdapterError(HistolabError):
+    """An adapter does not fit the base model, or cannot be applied."""
+
+
+class Cancelled(HistolabError):
+    """Work was cancelled by the user."""
+
+
+class StudyError(HistolabError):
+    """A review-study operation was refused (bad rating, unknown item, ...)."""

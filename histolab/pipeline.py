@@ -1,0 +1,237 @@
+"""Load a base model (SD 1.5 architecture) and hold its components.
+
+Sources, tried in this order by ``load_base``:
+
+* ``"embedded"``: the default that ships in ``checkpoints/embedded-base``;
+* a folder: a diffusers pipeline folder (``model_index.json``), e.g. a local
+  copy of stable-diffusion-v1-5 under ``checkpoints/``;
+* a file: a single-file checkpoint (LDM/A1111 layout), judged by content;
+* anything else is taken as a Hugging Face hub id, loaded from the local hub
+  cache or downloaded; offline, the error says which folder to put it in.
+
+Adapters are applied to a loaded ``BaseModel`` by ``histolab.adapters``; the
+model carries a lock so one request's adapters never leak into another's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from histolab.config import EMBEDDED_BASE_DIR, EMBEDDED_BASE_ID, Paths
+from histolab.errors import InvalidRequest, ModelNotFound, OfflineError, UnsafeFile
+from histolab.files import sha256_file, short_hash, sniff
+
+# What a conditioner returns: (conditional, unconditional) embeddings, each of
+# shape (batch, tokens, cross_attention_dim), for classifier-free guidance.
+Conditioner = Callable[[Any, Any, int], tuple[Any, Any]]
+
+
+@dataclass
+class BaseModel:
+    """The components of one loaded base model, and what identifies it."""
+
+    source: str
+    hash: str  # sha256 over the weight files, in a fixed order
+    vae: Any
+    unet: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict[str, Any]
+    device: Any = "cpu"
+    dtype: Any = None
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    # Adapters currently applied (managed by histolab.adapters) and extra
+    # conditioning modes they provide (e.g. "reference" from the projector).
+    applied: list[Any] = field(default_factory=list)
+    conditioners: dict[str, Conditioner] = field(default_factory=dict)
+
+    @property
+    def short_hash(self) -> str:
+        return short_hash(self.hash)
+
+    @property
+    def name(self) -> str:
+        return EMBEDDED_BASE_ID if self.source == EMBEDDED_BASE_ID else Path(self.source).name or self.source
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Width and height must be multiples of this: the VAE's factor times the U-Net's downsampling."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return int(self.unet.config.cross_attention_dim)
+
+    def encode_prompt(self, prompts: list[str]):
+        """CLIP text embeddings, padded to the tokenizer's length as SD 1.5 does."""
+        import torch
+
+        tok = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        with torch.inference_mode():
+            return self.text_encoder(tok.input_ids.to(self.device))[0].to(self.dtype)
+
+    def modules(self) -> dict[str, Any]:
+        return {"vae": self.vae, "unet": self.unet, "text_encoder": self.text_encoder}
+
+
+# ----------------------------------------------------------------- loading
+
+
+def load_base(
+    source: str | Path = EMBEDDED_BASE_ID,
+    *,
+    device: str = "cpu",
+    dtype: Any = None,
+    paths: Paths | None = None,
+) -> BaseModel:
+    """Load a base model from the embedded default, a folder, a file or a hub id."""
+    import torch
+
+    dtype = dtype or torch.float32
+    src = str(source)
+    if src == EMBEDDED_BASE_ID:
+        if not (EMBEDDED_BASE_DIR / "model_index.json").exists():
+            raise ModelNotFound(
+                f"the embedded default model is missing from {EMBEDDED_BASE_DIR}; "
+                "restore it with `git checkout -- checkpoints/embedded-base` or retrain it with "
+                "`python -m histolab.embedded.train_base`"
+            )
+        model = _load_folder(EMBEDDED_BASE_DIR, device, dtype)
+        model.source = EMBEDDED_BASE_ID
+        return model
+    path = Path(src)
+    if not path.exists() and not path.is_absolute():
+        candidate = (paths or Paths.from_env()).checkpoints / src
+        if candidate.exists():
+            path = candidate
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise ModelNotFound(
+                f"{path} is a folder but not a diffusers pipeline (no model_index.json); "
+                "point at the folder that holds model_index.json, unet/, vae/, text_encoder/ and tokenizer/"
+            )
+        return _load_folder(path, device, dtype)
+    if path.is_file():
+        from histolab.single_file import load_single_file
+
+        return load_single_file(path, device=device, dtype=dtype)
+    if looks_like_path(src):
+        raise ModelNotFound(f"no model at {src!r}: the path does not exist")
+    return _load_hub(src, device, dtype, paths or Paths.from_env())
+
+
+def looks_like_path(src: str) -> bool:
+    """Hub ids are 'owner/name'; anything with a suffix, a leading dot or slash is a path."""
+    return src.startswith((".", "/", "~")) or src.count("/") != 1 or Path(src).suffix != ""
+
+
+def folder_hash(folder: Path) -> str:
+    """sha256 over the weight files of a diffusers folder, in a fixed order."""
+    h = hashlib.sha256()
+    for sub in ("unet", "vae", "text_encoder"):
+        for f in sorted((folder / sub).glob("*.safetensors")) + sorted((folder / sub).glob("*.bin")):
+            h.update(sub.encode())
+            h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def _check_weight_files(folder: Path) -> None:
+    for sub in ("unet", "vae", "text_encoder"):
+        d = folder / sub
+        if not d.is_dir():
+            raise ModelNotFound(f"{folder} has no {sub}/ folder; it is not a complete SD pipeline")
+        weights = list(d.glob("*.safetensors")) + list(d.glob("*.bin"))
+        if not weights:
+            raise ModelNotFound(f"{d} holds no weights (.safetensors)")
+        for f in weights:
+            kind = sniff(f)
+            if kind not in ("safetensors", "torch-zip", "pickle"):
+                raise UnsafeFile(f"{f}: not a weights file (content looks {kind})")
+
+
+def _load_folder(folder: Path, device: str, dtype) -> BaseModel:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    _check_weight_files(folder)
+    # use_safetensors: prefer them; diffusers/transformers fall back to .bin
+    # through torch.load(weights_only=True) when a folder has only those.
+    kw = {"torch_dtype": dtype, "local_files_only": True}
+    try:
+        vae = AutoencoderKL.from_pretrained(folder / "vae", **kw)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelNotFound(f"cannot load the pipeline in {folder}: {exc}") from exc
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    scheduler_config = json.loads(sched_file.read_text()) if sched_file.exists() else {}
+    return _assemble(
+        str(folder), folder_hash(folder), vae, unet, text_encoder, tokenizer, scheduler_config, device, dtype
+    )
+
+
+def _assemble(source, digest, vae, unet, text_encoder, tokenizer, scheduler_config, device, dtype) -> BaseModel:
+    for m in (vae, unet, text_encoder):
+        p = next(m.parameters())
+        if p.device != __import__("torch").device(device) or p.dtype != dtype:
+            m.to(device=device, dtype=dtype)
+        m.eval()
+        m.requires_grad_(False)
+    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+        raise InvalidRequest(
+            f"text encoder width {text_encoder.config.hidden_size} does not match the U-Net's "
+            f"cross-attention width {unet.config.cross_attention_dim}"
+        )
+    return BaseModel(
+        source=source,
+        hash=digest,
+        vae=vae,
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler_config=scheduler_config,
+        device=device,
+        dtype=dtype,
+    )
+
+
+def _load_hub(repo_id: str, device: str, dtype, paths: Paths) -> BaseModel:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    patterns = ["model_index.json", "*/config.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+    target = paths.checkpoints / repo_id.split("/")[-1]
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
+    except LocalEntryNotFoundError:
+        try:
+            folder = snapshot_download(repo_id, allow_patterns=patterns)
+        except Exception as exc:  # no network: ConnectionError, OfflineModeIsEnabled, LocalEntryNotFound...
+            raise OfflineError(
+                f"cannot download {repo_id!r}: the Hugging Face hub is not reachable from this machine "
+                f"({type(exc).__name__}). On a machine with internet run "
+                f"`huggingface-cli download {repo_id} --local-dir {target}` "
+                f"(or copy an existing diffusers folder there), then load {str(target)!r}."
+            ) from exc
+    return _load_folder(Path(folder), device, dtype)
