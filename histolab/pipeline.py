@@ -136,7 +136,11 @@ def load_base(
 
         return load_single_file(path, device=device, dtype=dtype)
     if looks_like_path(src):
-        raise ModelNotFound(f"no model at {src!r}: the path does not exist")
+        where = "" if path.is_absolute() else f" here or in {(paths or Paths.from_env()).checkpoints}"
+        raise ModelNotFound(
+            f"no model at {src!r}: the path does not exist{where}; give a diffusers folder (with model_index.json) "
+            "or a single-file .safetensors checkpoint"
+        )
     return _load_hub(src, device, dtype, paths or Paths.from_env())
 
 

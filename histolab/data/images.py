@@ -24,6 +24,14 @@ MAX_PIXELS = 100_000_000
 BACKGROUND = (255, 255, 255)
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_MODE_NAMES = {
+    "1": "black and white",
+    "L": "grayscale",
+    "LA": "grayscale with alpha",
+    "P": "palette",
+    "PA": "palette with alpha",
+    **dict.fromkeys(_SIXTEEN_BIT_MODES, "grayscale"),
+}
 
 
 class NotUsable(Exception):
@@ -44,9 +52,11 @@ class ImageInfo:
         """How the image is turned into 8-bit RGB, or None when it already is."""
         if self.mode == "RGB" and self.bits == 8:
             return None
-        depth = f" {self.bits}-bit" if self.bits != 8 else ""
-        alpha = " (transparency composited on white)" if self.alpha else ""
-        return f"{self.mode}{depth} -> RGB 8-bit{alpha}"
+        name = _MODE_NAMES.get(self.mode, self.mode)
+        name = name if name == self.mode else f"{name} ({self.mode})"
+        depth = "16-bit " if self.bits == 16 else ""
+        alpha = ", transparency composited on white" if self.alpha else ""
+        return f"{depth}{name} -> 8-bit RGB{alpha}"
 
 
 def _rawmode(im: Image.Image) -> str:
