@@ -23,6 +23,7 @@ import functools
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -363,31 +364,37 @@ def load_single_file(path: str | Path, *, device: str = "cpu", dtype=None):
             f"{path.name}: named .safetensors but its content is {kind}, not safetensors; refused. "
             "Convert the original checkpoint to safetensors with a trusted tool"
         )
-    if kind == "safetensors":
-        shapes, meta = read_shapes(path)
-        arch = identify(shapes, path.name)  # before reading gigabytes of tensors
-        tensors, _ = load_state_dict(path)
-    elif kind in ("torch-zip", "pickle"):
-        tensors, meta = load_state_dict(path)  # weights_only=True: refuses code-carrying pickles
-        # CompVis .ckpt files wrap the tensors: {"state_dict": {...}, "global_step": ...}.
-        if isinstance(tensors.get("state_dict"), dict):
-            tensors = tensors["state_dict"]
-        tensors = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
-        arch = identify(_shapes_of_all(tensors), path.name)
-    else:
+    if kind not in ("safetensors", "torch-zip", "pickle"):
         raise UnsafeFile(
             f"{path.name}: not a model checkpoint (content looks {kind}); "
             "give a .safetensors single file or a diffusers folder"
         )
-    canon = normalize_keys(tensors)
-    # Cast here, tensor by tensor, so the networks are built in the asked dtype
-    # (a no-op for tensors already in it: the round trip stays bit-exact).
-    ckpt = {canon[k]: tensors[k].to(dtype) for k in canon if canon[k] != POSITION_IDS}
-    del tensors
-    vae, unet, text_encoder = _build(arch, ckpt, _scaling_factor(arch, meta))
-    tokenizer = _tokenizer(text_encoder)
-    scheduler = _scheduler_config(arch, meta, path.name)
-    return _assemble(str(path), sha256_file(path), vae, unet, text_encoder, tokenizer, scheduler, device, dtype)
+    # The content hash (the model's id in recipes) is computed beside the loading
+    # once the file is known to fit: hashlib releases the GIL, and hashing 2 GB
+    # takes seconds on a small CPU.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        if kind == "safetensors":
+            shapes, meta = read_shapes(path)
+            arch = identify(shapes, path.name)  # before reading gigabytes of tensors
+            digest = pool.submit(sha256_file, path)
+            tensors, _ = load_state_dict(path)
+        else:
+            tensors, meta = load_state_dict(path)  # weights_only=True: refuses code-carrying pickles
+            # CompVis .ckpt files wrap the tensors: {"state_dict": {...}, "global_step": ...}.
+            if isinstance(tensors.get("state_dict"), dict):
+                tensors = tensors["state_dict"]
+            tensors = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+            arch = identify(_shapes_of_all(tensors), path.name)
+            digest = pool.submit(sha256_file, path)
+        canon = normalize_keys(tensors)
+        # Cast here, tensor by tensor, so the networks are built in the asked dtype
+        # (a no-op for tensors already in it: the round trip stays bit-exact).
+        ckpt = {canon[k]: tensors[k].to(dtype) for k in canon if canon[k] != POSITION_IDS}
+        del tensors
+        vae, unet, text_encoder = _build(arch, ckpt, _scaling_factor(arch, meta))
+        tokenizer = _tokenizer(text_encoder)
+        scheduler = _scheduler_config(arch, meta, path.name)
+        return _assemble(str(path), digest.result(), vae, unet, text_encoder, tokenizer, scheduler, device, dtype)
 
 
 def _shapes_of_all(tensors) -> dict[str, tuple[int, ...]]:
