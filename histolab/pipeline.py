@@ -136,7 +136,11 @@ def load_base(
 
         return load_single_file(path, device=device, dtype=dtype)
     if looks_like_path(src):
-        raise ModelNotFound(f"no model at {src!r}: the path does not exist")
+        where = "" if path.is_absolute() else f" here or in {(paths or Paths.from_env()).checkpoints}"
+        raise ModelNotFound(
+            f"no model at {src!r}: the path does not exist{where}; give a diffusers folder (with model_index.json) "
+            "or a single-file .safetensors checkpoint"
+        )
     return _load_hub(src, device, dtype, paths or Paths.from_env())
 
 
@@ -216,11 +220,32 @@ def _assemble(source, digest, vae, unet, text_encoder, tokenizer, scheduler_conf
     )
 
 
+# What a diffusers SD pipeline needs, and no more: SD 1.5's hub repo also holds
+# fp16 and non-EMA variants, .bin copies, a safety checker and .ckpt files (tens of GB).
+HUB_FILES = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/*",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+)
+
+
+def hub_download_command(repo_id: str, target: Path) -> str:
+    """The shell command that fetches ``repo_id`` into ``target`` on a machine with internet."""
+    includes = " ".join(f'--include "{p}"' for p in HUB_FILES)
+    return f"hf download {repo_id} {includes} --local-dir {target}"
+
+
 def _load_hub(repo_id: str, device: str, dtype, paths: Paths) -> BaseModel:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    patterns = ["model_index.json", "*/config.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+    patterns = list(HUB_FILES)
     target = paths.checkpoints / repo_id.split("/")[-1]
     try:
         folder = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
@@ -230,8 +255,9 @@ def _load_hub(repo_id: str, device: str, dtype, paths: Paths) -> BaseModel:
         except Exception as exc:  # no network: ConnectionError, OfflineModeIsEnabled, LocalEntryNotFound...
             raise OfflineError(
                 f"cannot download {repo_id!r}: the Hugging Face hub is not reachable from this machine "
-                f"({type(exc).__name__}). On a machine with internet run "
-                f"`huggingface-cli download {repo_id} --local-dir {target}` "
-                f"(or copy an existing diffusers folder there), then load {str(target)!r}."
+                f"({type(exc).__name__}). Put the model's diffusers folder at {target} "
+                f"(on a machine with internet: `{hub_download_command(repo_id, target)}`, then copy the folder "
+                f"over), or a single-file .safetensors checkpoint in {paths.checkpoints}; then load "
+                f"{target.name!r}."
             ) from exc
     return _load_folder(Path(folder), device, dtype)
