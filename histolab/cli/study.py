@@ -63,6 +63,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--owner", required=True, help="the study owner's name")
     p.add_argument("--out", type=Path, help="write CSV here instead of to stdout")
 
+    p = sub.add_parser(
+        "demo-data", help="write real and generated image folders to try a study on (see examples/study.yaml)"
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="folder to write real/, reference/ and one folder per model into"
+    )
+    p.add_argument("--per-class", type=int, default=10, help="images per class in each rated set (default 10)")
+    p.add_argument("--steps", type=int, default=4, help="denoising steps for the generated sets (default 4)")
+
     for action, text in (("close", "stop taking answers (owner only)"), ("reopen", "take answers again (owner only)")):
         p = sub.add_parser(action, help=text)
         p.add_argument("study", help="study id")
@@ -86,6 +95,12 @@ def run(args: argparse.Namespace) -> int:
     from histolab.review import Store, add_rater, create_study, list_studies, load_config, study_status, unblind
     from histolab.review.study import reset_rater_code, set_status
 
+    if args.action == "demo-data":
+        from histolab.review.demo import write_demo_sources
+
+        out = write_demo_sources(args.out, per_class=args.per_class, steps=args.steps)
+        print(f"wrote demo sources to {out}: " + ", ".join(sorted(p.name for p in out.iterdir() if p.is_dir())))
+        return 0
     store = Store(args.annotations)
     if args.action == "create":
         config = load_config(args.config)
