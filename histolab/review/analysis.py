@@ -369,7 +369,8 @@ def _correlations(data: StudyData, scores, turing: Turing | None, ranking: Ranki
             acc: dict[int, list[float]] = {}
             for (u, _), v in d.items():
                 acc.setdefault(u, []).append(v)
-            targets[aspect] = {u: float(np.mean(v)) for u, v in acc.items()}
+            # Rounded so that float noise never breaks a tie the ranks should keep.
+            targets[aspect] = {u: round(float(np.mean(v)), 9) for u, v in acc.items()}
         if turing is not None:
             acc2: dict[int, list[int]] = {}
             for u, _, s, _ in data.judgements:
