@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import shutil
 import threading
 
 import numpy as np
 import pytest
+from PIL import Image
 from test_review_support import answers_for, make_sources, new_id, study_dict, table_counts
 
 from histolab.errors import StudyError
@@ -291,3 +295,35 @@ def test_ranking_task(tmp_path):
     assert stored == {labels["Model C"]: 1, labels["Model A"]: 2, labels["Model B"]: 3}
     assert get_task(store, "s1", "ann", task.task_id).answers.ranking == ("Model C", "Model A", "Model B")
     assert next_task(store, "s1", "ann") is None
+
+
+def test_the_study_survives_its_originals_moving(study):
+    store, _, sources = study
+    shutil.rmtree(sources)
+    task = next_task(store, "s1", "ann")
+    assert Image.open(io.BytesIO(task.images[0].png)).size == (48, 48)
+    assert submit(store, "s1", "ann", task.task_id, answers_for(task, np.random.default_rng(0)), new_id()).revision == 1
+    # Originals were copied too: an owner can still re-measure exactly the images that were rated.
+    for sha, rel in store.db.execute("SELECT sha256, original_file FROM items"):
+        assert hashlib.sha256((store.study_dir("s1") / rel).read_bytes()).hexdigest() == sha
+
+
+def test_answers_from_a_client_payload(study):
+    store, _, _ = study
+    task = next_task(store, "s1", "ann")
+    payload = {
+        "scores": {a.key: 6 for a in task.aspects},
+        "artefacts": ["tiling_seams"],
+        "judgement": "synthetic",
+        "confidence": 4,
+        "comment": "nuclei look stamped",
+        "time_ms": 8123,
+    }
+    answers = Answers.from_dict(payload)
+    assert answers.to_dict() == {**payload, "ranking": []}
+    submit(store, "s1", "ann", task.task_id, answers, new_id())
+    again = get_task(store, "s1", "ann", task.task_id).to_public_dict(images="omit")
+    assert again["answers"] == {**payload, "scores": {k: 6.0 for k in payload["scores"]}, "ranking": []}
+    assert "src" not in again["images"][0]
+    with pytest.raises(StudyError, match="unknown field"):
+        Answers.from_dict({**payload, "source": "x"})

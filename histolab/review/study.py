@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import random
 import secrets
 import shutil
@@ -89,6 +90,23 @@ class CreationReport:
             if n:
                 out.append(f"  source {name}: {n} image(s) left out (not enough for a whole set)")
         return out
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    # The rows are committed with synchronous=FULL; the images they point at
+    # must be on disk before that, or a power cut could leave rows without images.
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _code_hash(code: str) -> str:
@@ -315,9 +333,12 @@ def _create_locked(store: Store, config: StudyConfig) -> CreationReport:
         for im in [*rated, *references]:
             with Image.open(im.path) as pil:
                 png = served_png(pil, config.image_size)
-            (staging / "images" / f"{im.pixel_sha256}.png").write_bytes(png)
-            shutil.copyfile(im.path, staging / "originals" / f"{im.sha256}.{_EXT[im.format]}")
+            _write_durably(staging / "images" / f"{im.pixel_sha256}.png", png)
+            _write_durably(staging / "originals" / f"{im.sha256}.{_EXT[im.format]}", im.path.read_bytes())
+        for d in (staging / "images", staging / "originals"):
+            _fsync_dir(d)
         staging.rename(final)
+        _fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
