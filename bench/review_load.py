@@ -67,8 +67,8 @@ def make_sources(root: Path, per_class: int) -> Path:
     return root
 
 
-def build_study(root: Path, sources: Path, study_id: str, raters: list[str]) -> Store:
-    store = Store(root)
+def build_study(root: Path, sources: Path, study_id: str, raters: list[str], queue: bool) -> Store:
+    store = Store(root, queue_writers=queue)
     cfg = {
         "id": study_id,
         "owner": "bench",
@@ -131,8 +131,10 @@ def rate(store: Store, study_id: str, rater: str, m: int, seed: int) -> dict:
     return {"submit_ms": submit_ms, "next_ms": next_ms, "acked": acked, "dup_acks": dup_acks, "errors": errors}
 
 
-def _process_rater(root: str, study_id: str, rater: str, m: int, seed: int, out: mp.Queue, go: mp.Event) -> None:
-    store = Store(root)  # this process's own connections
+def _process_rater(
+    root: str, study_id: str, rater: str, m: int, seed: int, out: mp.Queue, go: mp.Event, queue_writers: bool
+) -> None:
+    store = Store(root, queue_writers=queue_writers)  # this process's own connections
     go.wait()
     out.put(rate(store, study_id, rater, m, seed))
 
@@ -147,10 +149,12 @@ def _hog(stop: mp.Event) -> None:
             a = torch.tanh(a @ a.T / 256)
 
 
-def run_phase(root: Path, sources: Path, name: str, n_threads: int, n_procs: int, m: int, hogs: int) -> dict:
+def run_phase(
+    root: Path, sources: Path, name: str, n_threads: int, n_procs: int, m: int, hogs: int, queue_writers: bool
+) -> dict:
     study_id = f"load-{name}"
     raters = [f"t{i}" for i in range(n_threads)] + [f"p{i}" for i in range(n_procs)]
-    store = build_study(root, sources, study_id, raters)
+    store = build_study(root, sources, study_id, raters, queue_writers)
     ctx = mp.get_context("fork")  # before any rater thread exists in this process
     stop = ctx.Event()
     hog_procs = [ctx.Process(target=_hog, args=(stop,), daemon=True) for _ in range(hogs)]
@@ -161,7 +165,7 @@ def run_phase(root: Path, sources: Path, name: str, n_threads: int, n_procs: int
     out: mp.Queue = ctx.Queue()
     go = ctx.Event()
     procs = [
-        ctx.Process(target=_process_rater, args=(str(root), study_id, r, m, 1000 + i, out, go))
+        ctx.Process(target=_process_rater, args=(str(root), study_id, r, m, 1000 + i, out, go, queue_writers))
         for i, r in enumerate(raters[n_threads:])
     ]
     for p in procs:
@@ -239,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ratings", type=int, default=40, help="tasks each rater answers")
     ap.add_argument("--hogs", type=int, default=os.cpu_count() or 2, help="CPU-hog processes in the loaded phase")
     ap.add_argument("--keep", action="store_true", help="keep the temporary store")
+    ap.add_argument(
+        "--no-queue",
+        action="store_true",
+        help="leave writers to SQLite's busy handler instead of the store's writer queue (for comparison)",
+    )
     args = ap.parse_args(argv)
 
     per_class = max(2, -(-args.ratings // 9))  # 3 sources x 3 classes x per_class >= ratings
@@ -246,14 +255,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sources = make_sources(tmp / "sources", per_class)
         n = args.threads + args.processes
+        shape = (args.threads, args.processes, args.ratings)
         print(
             f"review load bench: {args.threads} thread + {args.processes} process raters x {args.ratings} ratings, "
             f"{DOUBLE_CLICK:.0%} double clicks; loaded phase: {args.hogs} CPU-hog process(es) on {os.cpu_count()} core(s); "
-            f"load average before: {os.getloadavg()[0]:.2f}"
+            f"load average before: {os.getloadavg()[0]:.2f}; writers queued: {not args.no_queue}"
         )
         phases = [
-            run_phase(tmp / "idle", sources, "idle", args.threads, args.processes, args.ratings, 0),
-            run_phase(tmp / "loaded", sources, "loaded", args.threads, args.processes, args.ratings, args.hogs),
+            run_phase(tmp / "idle", sources, "idle", *shape, 0, not args.no_queue),
+            run_phase(tmp / "loaded", sources, "loaded", *shape, args.hogs, not args.no_queue),
         ]
         print(
             f"{'phase':<8}{'acknowledged':>13}{'stored':>8}{'duplicates':>11}{'dup acks':>9}"
