@@ -47,7 +47,7 @@ def test_krippendorff_properties():
     rng = np.random.default_rng(0)
     cols = rng.permutation(KRIPP.shape[1])
     assert stats.krippendorff_alpha(KRIPP[:, cols]) == pytest.approx(0.849, abs=0.0005)
-    # Interval alpha is invariant to a linear change of scale; nominal is not a distance, ratio is not shift-invariant.
+    # Interval alpha is invariant to a linear change of the scale.
     assert stats.krippendorff_alpha(KRIPP * 2 + 3) == pytest.approx(0.849, abs=0.0005)
     assert math.isnan(stats.krippendorff_alpha([[3, 3], [3, 3]]))  # no variation: undefined, not perfect
 

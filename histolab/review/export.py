@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from histolab.errors import StudyError
 from histolab.review.analysis import Analysis, analyse
 from histolab.review.blinding import rater_pseudonyms
 from histolab.review.metrics_file import Metrics
@@ -264,8 +265,6 @@ def export_study(
     metrics: Metrics | None = None,
 ) -> list[Path]:
     """Write the study's tables as CSV files (``fmt="csv"``), one JSON file (``"json"``) or both (``"all"``)."""
-    from histolab.errors import StudyError
-
     if fmt not in ("csv", "json", "all"):
         raise StudyError(f"export format must be 'csv', 'json' or 'all' but is {fmt!r}")
     info = load_study(store, study_id)
