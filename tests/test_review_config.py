@@ -254,3 +254,10 @@ def test_config_file_errors(tmp_path):
     write_config(tmp_path / "list.yaml", [1, 2])  # type: ignore[arg-type]
     with pytest.raises(StudyError, match="mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_different_native_sizes_are_pointed_out(tmp_path, sources):
+    # Real crops are 64 px, the test's generated images 48 px: served alike, but the owner is warned.
+    rep = create_study(Store(tmp_path / "ann"), parse_config(study_dict(sources)))
+    assert rep.native_sizes == {REAL: ["64x64"], MODELS[0]: ["48x48"], MODELS[1]: ["48x48"]}
+    assert any("blinding warning" in line and "64x64" in line for line in rep.lines())

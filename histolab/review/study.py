@@ -72,6 +72,7 @@ class CreationReport:
     duplicates: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     unsampled: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)  # set mode: images beyond whole sets
+    native_sizes: dict[str, list[str]] = field(default_factory=dict)  # rated source -> its images' sizes
 
     def lines(self) -> list[str]:
         out = [f"study {self.study_id}: {self.units} tasks per rater, images in {self.folder}"]
@@ -89,6 +90,12 @@ class CreationReport:
         for name, n in self.dropped.items():
             if n:
                 out.append(f"  source {name}: {n} image(s) left out (not enough for a whole set)")
+        if len({tuple(v) for v in self.native_sizes.values()}) > 1:
+            sizes = "; ".join(f"{k} {', '.join(v)}" for k, v in self.native_sizes.items())
+            out.append(
+                f"  blinding warning: the rated sources have different native sizes ({sizes}); every image is "
+                "served at the same size, but resampling leaves different sharpness that raters may notice"
+            )
         return out
 
 
@@ -457,6 +464,11 @@ def _create_locked(store: Store, config: StudyConfig) -> CreationReport:
         duplicates={s.source.name: s.duplicates for s in scans if s.duplicates},
         unsampled={s.source.name: s.unsampled for s in scans if s.unsampled},
         dropped={k: v for k, v in dropped.items() if v},
+        native_sizes={
+            s.source.name: sorted({f"{im.width}x{im.height}" for im in s.images})
+            for s in scans
+            if s.source.role == "rated"
+        },
     )
 
 
