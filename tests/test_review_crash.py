@@ -138,8 +138,9 @@ def test_sigkill_mid_session_loses_no_acknowledged_rating(tmp_path):
                 if seen >= kill_after:
                     proc.send_signal(signal.SIGKILL)
                     break
-        rest, err = proc.communicate(timeout=120)
-        assert proc.returncode == -signal.SIGKILL, err[-2000:]
+        # Not communicate(): it reads the raw pipe and would skip lines already in stdout's buffer.
+        rest, err = proc.stdout.read(), proc.stderr.read()
+        assert proc.wait(timeout=120) == -signal.SIGKILL, err[-2000:]
         kills += 1
         for line in rest.splitlines():  # acks printed before the kill, still in the pipe
             if line.startswith("{"):
@@ -159,4 +160,8 @@ def test_sigkill_mid_session_loses_no_acknowledged_rating(tmp_path):
             acked[a["sid"]] = a
     done = _check(root, acked)
     assert done == {r: rep.units for r in RATERS}
-    assert len(acked) == len(RATERS) * rep.units
+    # Every task was answered exactly once; the only ones never acknowledged are those a kill
+    # caught between commit and print (at most one per rater per kill).
+    stored = Store(root).db.execute("SELECT COUNT(*) FROM submissions").fetchone()[0]
+    assert stored == len(RATERS) * rep.units
+    assert 0 <= stored - len(acked) <= kills * len(RATERS)
