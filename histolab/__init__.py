@@ -1,9 +1,10 @@
 """histolab: fine-tune, generate, measure and review synthetic histology."""
 
-from histolab._torchvision_compat import ensure_torchvision_importable
+from histolab import _torchvision_compat
 
-# Must run before anything imports transformers, diffusers or timm: all three
-# import torchvision, which fails on a CPU build of torch without this.
-ensure_torchvision_importable()
+# transformers, diffusers and timm all import torchvision, which fails on a CPU
+# build of torch; this arranges the repair for when that first happens, without
+# importing torch now (see histolab/_torchvision_compat.py).
+_torchvision_compat.install()
 
 __version__ = "0.1.0"

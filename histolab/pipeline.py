@@ -27,9 +27,10 @@ from histolab.config import EMBEDDED_BASE_DIR, EMBEDDED_BASE_ID, Paths
 from histolab.errors import InvalidRequest, ModelNotFound, OfflineError, UnsafeFile
 from histolab.files import sha256_file, short_hash, sniff
 
-# What a conditioner returns: (conditional, unconditional) embeddings, each of
-# shape (batch, tokens, cross_attention_dim), for classifier-free guidance.
-Conditioner = Callable[[Any, Any, int], tuple[Any, Any]]
+# A conditioning mode beside text (e.g. "reference", added by the projector
+# adapter): fn(model, request, n) -> (cond, uncond, reference_hash, encoder_name),
+# cond/uncond of shape (n, tokens, cross_attention_dim) for classifier-free guidance.
+Conditioner = Callable[[Any, Any, int], tuple[Any, Any, str, str]]
 
 
 @dataclass
