@@ -23,7 +23,7 @@ import copy
 import re
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ class Embedding:
 class TextualInversion:
     embeddings: list[Embedding]
     format: str  # "sd-webui-pt", "sd-webui-safetensors", "diffusers"
+    info: dict[str, Any] = field(default_factory=dict)  # SD-webui's name, step, sd_checkpoint(_name)
 
     kind = "textual_inversion"
 
@@ -104,16 +105,19 @@ class TextualInversion:
         te = model.text_encoder
         current_emb = te.get_input_embeddings()
         base_emb = current_emb.base if isinstance(current_emb, ExtendedEmbedding) else current_emb
+        # New ids start after the tokenizer's vocabulary; that is the table's end for SD 1.5
+        # (49408 both), and earlier when a tokenizer uses fewer ids than its text encoder has rows.
+        start = len(base_tok)
+        ids = inner.convert_tokens_to_ids(all_tokens)
+        if ids != list(range(start, start + len(all_tokens))) or start > base_emb.num_embeddings:
+            raise AdapterError(
+                f"{name}: the tokenizer gave the new tokens ids {ids[:4]}..., not the ids after its vocabulary of "
+                f"{start}, or its vocabulary is larger than the text encoder's {base_emb.num_embeddings} rows"
+            )
         with torch.no_grad():
             rows = [e.vectors.to(base_emb.weight.device, base_emb.weight.dtype) * strength for e in self.embeddings]
             extra = torch.cat(([current_emb.extra] if isinstance(current_emb, ExtendedEmbedding) else []) + rows)
-        ids = inner.convert_tokens_to_ids(all_tokens)
-        if ids != list(range(base_emb.num_embeddings, base_emb.num_embeddings + len(all_tokens))):
-            raise AdapterError(
-                f"{name}: the tokenizer gave the new tokens ids {ids[:4]}..., not the ids after its vocabulary "
-                f"({base_emb.num_embeddings}...); the base tokenizer and text encoder disagree on the vocabulary size"
-            )
-        te.set_input_embeddings(ExtendedEmbedding(base_emb, extra))
+        te.set_input_embeddings(ExtendedEmbedding(base_emb, extra, start))
         edit.on_undo(lambda: te.set_input_embeddings(current_emb))
 
 
@@ -189,11 +193,12 @@ def _extended_tokenizer(base, tokens: tuple[str, ...]):
 class ExtendedEmbedding(torch.nn.Module):
     """The base token table plus rows for added tokens; the base table is shared, not copied."""
 
-    def __init__(self, base, extra):
+    def __init__(self, base, extra, start: int):
         super().__init__()
         self.base = base
+        self.start = start  # the first added id
         self.register_buffer("extra", extra, persistent=False)
-        self.num_embeddings = base.num_embeddings + int(extra.shape[0])
+        self.num_embeddings = max(base.num_embeddings, start + int(extra.shape[0]))
         self.embedding_dim = base.embedding_dim
 
     @property
@@ -201,11 +206,11 @@ class ExtendedEmbedding(torch.nn.Module):
         return self.base.weight
 
     def forward(self, ids):
-        n = self.base.num_embeddings
-        new = ids >= n
-        out = self.base(ids.clamp(max=n - 1))
+        new = ids >= self.start
+        out = self.base(ids.clamp(max=self.base.num_embeddings - 1))
         if bool(new.any()):
-            out = torch.where(new[..., None], self.extra[(ids - n).clamp(min=0)].to(out.dtype), out)
+            rows = self.extra[(ids - self.start).clamp(min=0, max=self.extra.shape[0] - 1)]
+            out = torch.where(new[..., None], rows.to(out.dtype), out)
         return out
 
 
@@ -234,7 +239,12 @@ def from_state(obj: dict, token: str, where: str) -> TextualInversion:
         if not isinstance(params, dict) or not params:
             raise AdapterError(f"{where}: `string_to_param` is not a non-empty dict")
         vec = next(iter(params.values()))
-        return TextualInversion([_embedding(token, vec, where)], "sd-webui-pt")
+        info = {
+            k: obj[k]
+            for k in ("name", "step", "sd_checkpoint", "sd_checkpoint_name")
+            if isinstance(obj.get(k), (str, int))
+        }
+        return TextualInversion([_embedding(token, vec, where)], "sd-webui-pt", info)
     if "emb_params" in obj:
         return TextualInversion([_embedding(token, obj["emb_params"], where)], "sd-webui-safetensors")
     items = [(k, v) for k, v in obj.items() if isinstance(v, torch.Tensor)]
