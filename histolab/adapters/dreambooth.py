@@ -42,6 +42,7 @@ class DreamBooth:
     _shapes: dict[str, dict[str, Any]] | None = field(default=None, repr=False)
     _converted: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
     _cast: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
+    _valid: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
 
     kind = "dreambooth"
 
@@ -81,6 +82,8 @@ class DreamBooth:
 
     def validate(self, model, name: str = "DreamBooth", real: bool = False) -> dict[str, dict[str, Any]]:
         comps = self.state_for(model, real)
+        if self._valid.get(model.unet) is comps:
+            return comps
         if "unet" not in comps and "text_encoder" not in comps:
             raise AdapterError(f"{name}: holds neither U-Net nor text-encoder weights")
         for comp, sd in comps.items():
@@ -110,6 +113,7 @@ class DreamBooth:
                     )
                 if not t.is_floating_point() and want[k].is_floating_point():
                     raise AdapterError(f"{name}: {comp}.{k} has dtype {t.dtype}; expected floating point weights")
+        self._valid[model.unet] = comps
         return comps
 
     def prepare(self, model, name: str = "DreamBooth") -> None:
@@ -122,38 +126,35 @@ class DreamBooth:
         comps = self.validate(model, name, real=True)
         if strength == 0:
             return
-        cast = self._cast_for(model, comps)
         with torch.no_grad():
-            for comp, sd in cast.items():
-                module = getattr(model, comp, None)
-                if module is None:
-                    continue
-                targets = dict(module.named_parameters())
-                targets.update(dict(module.named_buffers()))
-                for k, tuned in sd.items():
-                    p = targets[k]
-                    if strength == 1 or not p.is_floating_point():
-                        new = tuned
-                    else:
-                        base = p.data
-                        new = (base.float() + strength * (tuned.float() - base.float())).to(base.dtype)
-                    edit.swap_data(p, new)
+            for p, tuned in self._cast_for(model, comps):
+                if strength == 1 or not p.is_floating_point():
+                    new = tuned
+                else:
+                    base = p.data
+                    new = (base.float() + strength * (tuned.float() - base.float())).to(base.dtype)
+                edit.swap_data(p, new)
 
-    def _cast_for(self, model, comps):
+    def _cast_for(self, model, comps) -> list[tuple[Any, Any]]:
+        """(base parameter or buffer, tuned tensor in the model's dtype and device), cached per model."""
         import torch
 
         key = (str(model.device), model.dtype)
         got = self._cast.get(model.unet)
         if got is None or got[0] != key or got[1] is not comps:
+            cast = []
             with torch.no_grad():
-                cast = {
-                    comp: {
-                        k: t.to(model.device, model.dtype if t.is_floating_point() else t.dtype)
-                        for k, t in sd.items()
-                        if k not in _IGNORED
-                    }
-                    for comp, sd in comps.items()
-                }
+                for comp, sd in comps.items():
+                    module = getattr(model, comp, None)
+                    if module is None:
+                        continue
+                    targets = dict(module.named_parameters())
+                    targets.update(dict(module.named_buffers()))
+                    for k, t in sd.items():
+                        if k not in _IGNORED:
+                            cast.append(
+                                (targets[k], t.to(model.device, model.dtype if t.is_floating_point() else t.dtype))
+                            )
             got = (key, comps, cast)
             self._cast[model.unet] = got
         return got[2]

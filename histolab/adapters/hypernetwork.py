@@ -31,6 +31,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,7 @@ class Hypernetwork:
     modules: dict[int, tuple[HypernetworkModule, HypernetworkModule]]  # float32, CPU, eval
     format: str  # "sd-webui-pt", "histolab"
     info: dict[str, Any] = field(default_factory=dict)  # name, step, sd_checkpoint(_name) from SD-webui
+    _targets: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
 
     kind = "hypernetwork"
 
@@ -133,6 +135,9 @@ class Hypernetwork:
 
     def validate(self, model, name: str = "hypernetwork") -> dict[str, int]:
         """The attention layers it applies to (processor name -> width); AdapterError when none."""
+        cached = self._targets.get(model.unet)
+        if cached is not None:
+            return cached
         targets = {}
         widths = set()
         for proc_name in model.unet.attn_processors:
@@ -146,6 +151,7 @@ class Hypernetwork:
                 f"{name}: it has modules for context widths {sorted(self.modules)}, but this base model's "
                 f"attention layers have context widths {sorted(widths)}: it was made for another base model"
             )
+        self._targets[model.unet] = targets
         return targets
 
     def apply(self, model, strength: float, edit: ModelEdit, name: str = "hypernetwork") -> None:

@@ -132,20 +132,31 @@ class LoraWeights:
         resolved = self.validate(model, name)
         if strength == 0:
             return
-        modules = {c: getattr(model, c) for c in COMPONENTS}
-        for layer, (down, up) in zip(resolved, self._cast_for(model, resolved), strict=True):
-            module = modules[layer.component].get_submodule(layer.module)
-            up_s = up * (strength * layer.scale)
-            edit.hook(module, _conv_hook(down, up_s, module) if layer.conv else _linear_hook(down, up_s))
+        import torch
+
+        with torch.no_grad():
+            for layer, module, down, up in self._cast_for(model, resolved):
+                up_s = up * (strength * layer.scale)
+                edit.hook(module, _conv_hook(down, up_s, module) if layer.conv else _linear_hook(down, up_s))
 
     def _cast_for(self, model, resolved):
+        """(layer, module, down, up) in the model's dtype and device, cached per model."""
         import torch
 
         key = (str(model.device), model.dtype)
         cached = self._cast.get(model.unet)
         if cached is None or cached[0] != key or cached[1] is not resolved:
+            roots = {c: getattr(model, c) for c in COMPONENTS}
             with torch.no_grad():
-                cast = [(r.down.to(model.device, model.dtype), r.up.to(model.device, model.dtype)) for r in resolved]
+                cast = [
+                    (
+                        r,
+                        roots[r.component].get_submodule(r.module),
+                        r.down.to(model.device, model.dtype),
+                        r.up.to(model.device, model.dtype),
+                    )
+                    for r in resolved
+                ]
             cached = (key, resolved, cast)
             self._cast[model.unet] = cached
         return cached[2]
