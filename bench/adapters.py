@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import tempfile
@@ -186,11 +187,20 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="denoising steps for reference-patch generation")
     p.add_argument("--encoder", default="uni2-h-arch", help="uni2-h-arch (random UNI2-h weights) or a registry name")
     args = p.parse_args(argv)
+    import diffusers
+    import huggingface_hub
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
 
     torch.manual_seed(0)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; base: random {args.arch}; encoder: {args.encoder}"
     )
+    load = os.getloadavg()[0]
+    print(f"load average at start: {load:.1f} on {os.cpu_count()} CPUs (other work on the machine slows both sides)")
     model = random_base(args.arch, seed=0)
     encoder = make_encoder(args.encoder)
     with tempfile.TemporaryDirectory() as tmp:
@@ -248,6 +258,7 @@ def main(argv=None) -> int:
         print(f"   warm embedding cache (generate only):     {warm_s * 1e3:9.1f} ms   {cold_s / warm_s:5.2f}x faster")
         print(f"   the encoder alone, one patch:             {t_enc * 1e3:9.1f} ms")
         print(f"   encoder calls: {rt.embeddings.misses} misses, {rt.embeddings.hits} hits")
+    print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
     return 0
 
 

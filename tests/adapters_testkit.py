@@ -194,3 +194,39 @@ def meta_model(arch: str = "sd15"):
         scheduler_config={},
         device="meta",
     )
+
+
+def ldm_vae_state(vae) -> dict[str, torch.Tensor]:
+    """``vae``'s weights under LDM names (``first_stage_model.*``), as SD-webui checkpoints store them."""
+    import re
+
+    n_up = len(vae.config.block_out_channels)
+    res = {"conv_shortcut": "nin_shortcut"}
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    out = {}
+    for k, v in vae.state_dict().items():
+        name = k.replace("conv_norm_out", "norm_out")
+        m = re.match(
+            r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)", name
+        )
+        if m:
+            side, _, i, kind, j, rest = m.groups()
+            i = int(i) if side == "encoder" else n_up - 1 - int(i)  # LDM numbers decoder levels bottom-up
+            head, _, leaf = rest.rpartition(".")
+            if kind == "resnets":
+                name = f"{side}.{'down' if side == 'encoder' else 'up'}.{i}.block.{j}.{res.get(head, head)}.{leaf}"
+            else:
+                sampler = "downsample" if kind == "downsamplers" else "upsample"
+                name = f"{side}.{'down' if side == 'encoder' else 'up'}.{i}.{sampler}.{rest}"
+        m = re.match(r"(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.+)", name)
+        if m:
+            side, kind, j, rest = m.groups()
+            head, _, leaf = rest.rpartition(".")
+            if kind == "resnets":
+                name = f"{side}.mid.block_{int(j) + 1}.{res.get(head, head)}.{leaf}"
+            else:
+                name = f"{side}.mid.attn_1.{attn[head]}.{leaf}"
+                if head in ("to_q", "to_k", "to_v", "to_out.0") and leaf == "weight":
+                    v = v[:, :, None, None]  # LDM's attention projections are 1x1 convolutions
+        out[f"first_stage_model.{name}"] = v
+    return out

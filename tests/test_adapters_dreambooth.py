@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from adapters_testkit import assert_restored, pixels, save_pipeline, save_safetensors, snapshot
+from adapters_testkit import assert_restored, ldm_vae_state, pixels, save_pipeline, save_safetensors, snapshot
 
 from histolab.adapters.kohya import ldm_unet_state_dict_names
 from histolab.adapters.manifest import Manifest, base_info, write_manifest
@@ -16,27 +16,30 @@ from histolab.errors import AdapterError, UnsafeFile
 
 @pytest.fixture(scope="module")
 def tuned(tiny_model):
-    """The tiny base with its U-Net and text encoder moved by seeded noise (a 'fine-tune')."""
+    """The tiny base with its networks moved by seeded noise (a 'fine-tune'; the VAE too, to see it swapped)."""
     m = dataclasses.replace(
         tiny_model,
         unet=copy.deepcopy(tiny_model.unet),
         text_encoder=copy.deepcopy(tiny_model.text_encoder),
+        vae=copy.deepcopy(tiny_model.vae),
         applied=[],
         conditioners={},
     )
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
-        for net in (m.unet, m.text_encoder):
+        for net in (m.unet, m.text_encoder, m.vae):
             for p in net.parameters():
                 p.add_(torch.randn(p.shape, generator=g) * 0.02)
     return m
 
 
-def single_file(model, path):
-    """An LDM / SD-webui single-file checkpoint of ``model``'s U-Net and text encoder."""
+def single_file(model, path, vae=True):
+    """An LDM / SD-webui single-file checkpoint of ``model``: U-Net, text encoder and VAE."""
     names = ldm_unet_state_dict_names(model.unet)
     state = {names[k]: v for k, v in model.unet.state_dict().items()}
     state.update({f"cond_stage_model.transformer.{k}": v for k, v in model.text_encoder.state_dict().items()})
+    if vae:
+        state.update(ldm_vae_state(model.vae))
     return save_safetensors(path, state)
 
 
@@ -45,6 +48,7 @@ def test_every_layout_reproduces_the_fine_tune(tiny_model, tuned, tmp_path):
     unet_te = tmp_path / "unet_te"
     tuned.unet.save_pretrained(unet_te / "unet")
     tuned.text_encoder.save_pretrained(unet_te / "text_encoder")
+    tuned.vae.save_pretrained(unet_te / "vae")
     write_manifest(unet_te, Manifest(kind="dreambooth", name="dreambooth-colon", base=base_info(tiny_model)))
     single = single_file(tuned, tmp_path / "sks-colon.safetensors")
 
@@ -98,3 +102,17 @@ def test_broken_weights_in_the_second_adapter_change_nothing(tiny_model, tuned, 
     with pytest.raises(UnsafeFile, match="NaN or infinite"):
         pixels(tiny_model, [(lora, 1.0), (bad, 1.0), (lora, 0.5)])
     assert_restored(tiny_model, snap)
+
+
+def test_the_ldm_layout_used_here_is_the_one_diffusers_converts(tiny_model):
+    """The test's single files follow the LDM layout exactly: diffusers' converters give every tensor back."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    names = ldm_unet_state_dict_names(tiny_model.unet)
+    unet = convert_ldm_unet_checkpoint(
+        {names[k]: v for k, v in tiny_model.unet.state_dict().items()}, dict(tiny_model.unet.config)
+    )
+    vae = convert_ldm_vae_checkpoint(ldm_vae_state(tiny_model.vae), dict(tiny_model.vae.config))
+    for got, net in ((unet, tiny_model.unet), (vae, tiny_model.vae)):
+        want = net.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], v) for k, v in want.items())

@@ -7,6 +7,7 @@ import pytest
 import torch
 from adapters_testkit import SeededEncoder, kohya_lora_state, meta_model, save_pipeline, save_safetensors
 
+from histolab.adapters import projector as pj
 from histolab.adapters import registry
 from histolab.adapters.manifest import Manifest, base_info, write_manifest
 from histolab.adapters.runtime import AdapterRuntime
@@ -38,6 +39,25 @@ def checkpoints(tiny_model, tmp_path_factory):
     )
     save_safetensors(root / "named" / "w.safetensors", lora)
     (root / "README.md").write_text("not an adapter")
+    sd15 = meta_model("sd15")
+    cfg = pj.ProjectorConfig(encoder_dim=48, cross_attention_dim=768, hidden=16, rank=1, alpha=1.0)
+    layers = [
+        (
+            p,
+            torch.zeros(1, sd15.unet.get_submodule(p).in_features),
+            torch.zeros(sd15.unet.get_submodule(p).out_features, 1),
+        )
+        for p in pj.attention_lora_modules(sd15.unet)
+    ]
+    enc = {"name": "uni2-h", "weights_hash": "", "dim": 48}
+    pj.save(
+        root / "sd15-proj",
+        pj.Projector(cfg),
+        torch.zeros(48),
+        layers,
+        enc,
+        Manifest(kind="projector", base=base_info(sd15)),
+    )
     return root
 
 
@@ -58,6 +78,7 @@ def test_scan_lists_kinds_and_what_fits(tiny_model, checkpoints):
         "reference-proj",
         "evil",
         "nice-name",
+        "sd15-proj",
     }
     assert entries["tiny-base"].kind == "base model"
     ok = entries["colon-style"]
@@ -80,6 +101,9 @@ def test_scan_lists_kinds_and_what_fits(tiny_model, checkpoints):
     evil = entries["evil"]
     assert evil.kind == "?" and evil.fits is False and "pickle" in evil.why
     assert entries["nice-name"].fits is True
+    sd15 = entries["sd15-proj"]
+    assert sd15.fits is False and "tokens of width 768" in sd15.why
+    assert "[its manifest: unet.block_out_channels: adapter [320, 640, 1280, 1280] vs base [16, 32]" in sd15.why
 
 
 def test_a_manifest_name_resolves_and_unknown_names_say_where_to_look(tiny_model, checkpoints):

@@ -44,6 +44,7 @@ def test_sdwebui_pt_multivector_tokens_and_vectors(tiny_model, tmp_path):
         ids = tiny_model.tokenizer(["a crypt-cells photo"]).input_ids[0]
         n = len(snap["tokenizer"])
         assert ids[2:5] == [n, n + 1, n + 2]  # the token from the file name, expanded to its 3 vectors
+        assert tiny_model.tokenizer.tokenize("crypt-cells") == ["crypt-cells", "crypt-cells_1", "crypt-cells_2"]
         emb = tiny_model.text_encoder.get_input_embeddings()(torch.tensor([ids]))
         assert torch.equal(emb[0, 2:5], vecs)
         assert torch.equal(emb[0, 1], snap["embedding"](torch.tensor([ids[1]]))[0])

@@ -119,10 +119,10 @@ def architecture_differences(expected: dict[str, Any], model) -> list[str]:
     """Where a manifest's recorded architecture differs from ``model``: 'unet.cross_attention_dim: 768 vs 256'."""
     found = architecture(model)
     out = []
-    for part, fields_ in expected.items():
-        for key, want in (fields_ or {}).items():
-            have = found.get(part, {}).get(key, "?")
-            if _norm(want) != _norm(have):
+    for part, fields_ in found.items():  # in architecture()'s order: the U-Net first
+        for key, have in fields_.items():
+            want = (expected.get(part) or {}).get(key)
+            if want is not None and _norm(want) != _norm(have):
                 out.append(f"{part}.{key}: adapter {want} vs base {have}")
     return out
 

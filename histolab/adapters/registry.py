@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from histolab.adapters.loader import WEIGHT_SUFFIXES
-from histolab.adapters.manifest import MANIFEST_NAME, read_manifest
+from histolab.adapters.manifest import MANIFEST_NAME, architecture_differences, read_manifest
 from histolab.errors import HistolabError
 
 
@@ -106,6 +106,10 @@ def _entry(p: Path, base, runtime) -> Entry:
         except HistolabError as exc:
             e.fits = False
             e.why = str(exc)
+            arch = (m.base.get("architecture") if m and m.base else None) or {}
+            diffs = architecture_differences(arch, base) if arch and hasattr(base, "unet") else []
+            if diffs:
+                e.why += f" [its manifest: {'; '.join(diffs[:3])}]"
     return e
 
 

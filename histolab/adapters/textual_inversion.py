@@ -143,9 +143,17 @@ class EmbeddingTokenizer:
             text = pattern.sub(lambda _m, r=repl: r, text)
         return text
 
+    def _expand_any(self, text):
+        return self.expand(text) if isinstance(text, str) else [self.expand(t) for t in text]
+
     def __call__(self, text, *args, **kwargs):
-        text = self.expand(text) if isinstance(text, str) else [self.expand(t) for t in text]
-        return self.inner(text, *args, **kwargs)
+        return self.inner(self._expand_any(text), *args, **kwargs)
+
+    def encode(self, text, *args, **kwargs):
+        return self.inner.encode(self._expand_any(text), *args, **kwargs)
+
+    def tokenize(self, text, *args, **kwargs):
+        return self.inner.tokenize(self._expand_any(text), *args, **kwargs)
 
     def __len__(self) -> int:
         return len(self.inner)
