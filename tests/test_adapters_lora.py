@@ -201,6 +201,11 @@ def test_loads_are_cached_by_content(tiny_model, tmp_path):
     with rt.applied(tiny_model, [AdapterSpec(str(f), 1.0)]):
         pass
     assert rt.loads == 2
+    copy_ = tmp_path / "copy.safetensors"
+    copy_.write_bytes(f.read_bytes())  # same content, another name: not parsed again, but named as itself
+    with rt.applied(tiny_model, [AdapterSpec(str(copy_), 1.0)]) as uses:
+        assert uses[0].name == "copy" and uses[0].path == str(copy_.resolve())
+    assert rt.loads == 2
 
 
 def sdxl_shaped(model):

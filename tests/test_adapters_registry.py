@@ -153,3 +153,19 @@ def test_cli_without_a_base_still_lists(checkpoints, capsys):
     out, err = capsys.readouterr()
     assert "not checked against a base model: no model at" in err
     assert any(ln.startswith("colon-style ") and " - " in ln for ln in out.splitlines())
+
+
+@pytest.mark.parametrize(
+    "text, ref, strength",
+    [
+        ("checkpoints/colon-lora:0.7", "checkpoints/colon-lora", 0.7),
+        ("colon-lora", "colon-lora", 1.0),
+        ("style.safetensors:-0.5", "style.safetensors", -0.5),
+        ("C:\\models\\x.safetensors", "C:\\models\\x.safetensors", 1.0),
+        ("a:b", "a:b", 1.0),
+    ],
+)
+def test_parse_spec(text, ref, strength):
+    from histolab.adapters import parse_spec
+
+    assert parse_spec(text) == AdapterSpec(ref, strength)

@@ -127,14 +127,19 @@ def _looks_like_dreambooth(folder: Path) -> bool:
     )
 
 
-def open_located(loc: Located) -> LoadedAdapter:
-    """Read and parse the weights (no base model needed); AdapterError/UnsafeFile if they are not an adapter."""
+def open_located(loc: Located, payload: Any = None) -> LoadedAdapter:
+    """Read and parse the weights (no base model needed); AdapterError/UnsafeFile if they are not an adapter.
+
+    ``payload``: weights already parsed from the same content (the runtime's cache); only names are filled in.
+    """
     from histolab.files import load_state_dict
 
     manifest = loc.manifest
     name = (manifest.name if manifest and manifest.name else "") or _default_name(loc.path)
     where = f"adapter {name!r} ({loc.files[0].name})"
     digest = loc.content_hash()
+    if payload is not None:
+        return LoadedAdapter(name, payload.kind, loc.path, digest, payload.format, manifest, payload)
     if loc.kind == "dreambooth":
         payload = _open_dreambooth(loc)
         return LoadedAdapter(name, "dreambooth", loc.path, digest, payload.format, manifest, payload)

@@ -43,7 +43,7 @@ class AdapterRuntime:
     def __init__(self, config: RuntimeConfig | None = None, paths: Paths | None = None):
         self.config = config or RuntimeConfig()
         self._paths = paths
-        self._cache: OrderedDict[tuple[str, str, str], LoadedAdapter] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], LoadedAdapter] = OrderedDict()
         self._lock = threading.Lock()
         self.embeddings = EmbeddingCache(self.config.embedding_cache_entries)
         self._encoders: dict[tuple[str, str], object] = {}
@@ -79,12 +79,14 @@ class AdapterRuntime:
     def load(self, ref: str | Path) -> LoadedAdapter:
         path = self.resolve(ref)
         loc = locate(path)
-        key = (*loc.cache_key(), str(path.resolve()))
+        key = loc.cache_key()  # content (and manifest): a copy under another name is not parsed again
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
                 self._cache.move_to_end(key)
-                return hit
+        if hit is not None:
+            fresh = open_located(loc, payload=hit.payload)  # name and path of this copy, the parsed weights shared
+            return fresh
         loaded = open_located(loc)
         with self._lock:
             self.loads += 1
