@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -36,6 +37,7 @@ class RuntimeConfig:
     # A UNI2-h embedding is 6 kB, so 4096 patches cost 25 MB.
     embedding_cache_entries: int = 4096
     # True for a hosted app: users may name only adapters inside checkpoints/.
+    # The process-wide runtime takes it from HISTOLAB_ADAPTERS_ONLY_CHECKPOINTS=1.
     only_checkpoints: bool = False
 
 
@@ -196,7 +198,8 @@ def default_runtime() -> AdapterRuntime:
     global _DEFAULT
     with _DEFAULT_LOCK:
         if _DEFAULT is None:
-            _DEFAULT = AdapterRuntime()
+            only = os.environ.get("HISTOLAB_ADAPTERS_ONLY_CHECKPOINTS", "") in ("1", "true", "yes")
+            _DEFAULT = AdapterRuntime(RuntimeConfig(only_checkpoints=only))
         return _DEFAULT
 
 
