@@ -1,0 +1,55 @@
+"""Adapters over a loaded base model: LoRA, DreamBooth, textual inversion,
+hypernetwork and the foundation-embedding projector (reference-patch mode).
+
+``applied(model, specs)`` is what the generation engine uses; ``scan`` lists
+what is in ``checkpoints/``; ``parse_spec("path:0.8")`` reads the CLI form.
+Submodules import torch; this package's top level stays light.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from histolab.adapters.registry import Entry, scan
+    from histolab.adapters.runtime import AdapterRuntime, RuntimeConfig, applied, default_runtime
+
+_LAZY = {
+    "applied": "histolab.adapters.runtime",
+    "default_runtime": "histolab.adapters.runtime",
+    "AdapterRuntime": "histolab.adapters.runtime",
+    "RuntimeConfig": "histolab.adapters.runtime",
+    "scan": "histolab.adapters.registry",
+    "Entry": "histolab.adapters.registry",
+    "Manifest": "histolab.adapters.manifest",
+    "read_manifest": "histolab.adapters.manifest",
+    "write_manifest": "histolab.adapters.manifest",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'histolab.adapters' has no attribute {name!r}")
+
+
+def parse_spec(text: str):
+    """``PATH[:STRENGTH]`` -> AdapterSpec. The strength is the part after the last ':' when it is a number."""
+    from histolab.errors import InvalidRequest
+    from histolab.generation import AdapterSpec
+
+    text = text.strip()
+    ref, sep, tail = text.rpartition(":")
+    if sep and ref and tail:
+        try:
+            return AdapterSpec(ref, float(tail))
+        except ValueError:
+            pass  # a ':' that is part of the path (e.g. C:\\...)
+    if not text:
+        raise InvalidRequest("an --adapter value is empty; give PATH or PATH:STRENGTH")
+    return AdapterSpec(text, 1.0)
+
+
+__all__ = ["AdapterRuntime", "Entry", "RuntimeConfig", "applied", "default_runtime", "parse_spec", "scan"]
