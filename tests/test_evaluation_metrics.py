@@ -69,9 +69,9 @@ def test_fid_estimated_from_gaussian_samples_matches_the_closed_form():
 
 
 def test_running_stats_match_numpy_and_do_not_depend_on_batch_size():
-    x = _features(3, 257, 32, shift=5.0).astype(np.float64)
+    x = _features(3, 1100, 32, shift=5.0).astype(np.float64)  # more rows than FLUSH_ROWS: buffered adds
     ref_mean, ref_cov = x.mean(0), np.cov(x, rowvar=False)
-    for bs in (1, 7, 64, 257):
+    for bs in (1, 7, 64, 1100):
         st = RunningStats(32)
         for s in range(0, len(x), bs):
             st.update(x[s : s + bs])

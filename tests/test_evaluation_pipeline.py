@@ -255,3 +255,27 @@ def test_every_cli_option_has_help():
         for action in p._actions:
             if action.dest != "help":
                 assert action.help, (mod.NAME, action.dest)
+
+
+def test_feature_cache_reuses_features_of_the_same_images(tmp_path, tiny):
+    from histolab.evaluation.features import collect_cached
+
+    class Counting:
+        name, dim, weights_hash = tiny.name, tiny.dim, tiny.weights_hash
+
+        def __init__(self):
+            self.images = 0
+
+        def features(self, images):
+            self.images += len(images)
+            return tiny.features(images)
+
+    s = open_image_set(_write_set(tmp_path / "real", 4, 0))
+    ex = Counting()
+    first = collect_cached([ex], s, tmp_path / "cache", batch_size=5)["tiny"]
+    second = collect_cached([ex], s, tmp_path / "cache", batch_size=5)["tiny"]
+    assert ex.images == 12  # the second call read the cache
+    np.testing.assert_array_equal(first.features, second.features)
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(tmp_path / "real" / "red" / "000.png")  # an image changes
+    collect_cached([ex], open_image_set(tmp_path / "real"), tmp_path / "cache", batch_size=5)
+    assert ex.images == 24

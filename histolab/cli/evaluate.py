@@ -55,6 +55,12 @@ def add_arguments(p) -> None:
     p.add_argument("--max-images", type=int, default=None, help="use at most this many images per set (evenly spaced)")
     p.add_argument("--device", default="cpu", help="torch device for feature extraction (cpu, cuda, ...)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="keep extracted features in this folder and reuse them when the same images are evaluated again "
+        "in the same feature space (keyed by the images' pixels and the weights)",
+    )
 
 
 def default_out_dir(fake_spec: str) -> Path:
@@ -102,7 +108,14 @@ def run(args) -> int:
         print(f"\r{role}: {done}/{total} images", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
     report = evaluate_sets(
-        real, fake, extractors, config, train=train, progress=progress, warn=lambda m: print(m, file=sys.stderr)
+        real,
+        fake,
+        extractors,
+        config,
+        train=train,
+        progress=progress,
+        warn=lambda m: print(m, file=sys.stderr),
+        feature_cache=args.cache,
     )
     out = Path(args.out) if args.out else default_out_dir(args.fake)
     json_path = write_json(report, args.json or out / "evaluation.json")

@@ -10,6 +10,7 @@ safetensors, so the real side of a per-epoch validation is computed once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -143,4 +144,40 @@ def collect(
         done += len(idx)
         if progress is not None:
             progress(done, n)
+    return out
+
+
+def fingerprint(image_set) -> str:
+    """sha256 over every image's name, label, size and RGB pixels, in order."""
+    h = hashlib.sha256()
+    for i, it in enumerate(image_set.items):
+        img = image_set.load(i)
+        h.update(f"{it.name}|{it.label}|{img.size}|".encode())
+        h.update(img.tobytes())
+    return h.hexdigest()
+
+
+def collect_cached(extractors: list, image_set, cache_dir, *, batch_size: int = 32, progress=None):
+    """``collect``, reusing features saved in ``cache_dir`` for the same images in the same space and weights."""
+    if cache_dir is None:
+        return collect(extractors, image_set, batch_size=batch_size, progress=progress)
+    cache = Path(cache_dir)
+    fp = fingerprint(image_set)
+    names = [it.name for it in image_set.items]
+    out, missing, paths = {}, [], {}
+    for ex in extractors:
+        key = hashlib.sha256(f"{fp}|{ex.name}|{ex.weights_hash}|{ex.dim}".encode()).hexdigest()[:24]
+        paths[ex.name] = cache / f"{ex.name}-{key}.safetensors"
+        if paths[ex.name].is_file():
+            sf = SpaceFeatures.load(paths[ex.name])
+            if sf.names == names and sf.features is not None:
+                sf.spec = image_set.spec
+                out[ex.name] = sf
+                continue
+        missing.append(ex)
+    if missing:
+        got = collect(missing, image_set, batch_size=batch_size, progress=progress)
+        for name, sf in got.items():
+            sf.save(paths[name])
+        out.update(got)
     return out

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from histolab.errors import InvalidRequest
 from histolab.evaluation.evaluate import EvalConfig, compare, config_dict, memorisation
 from histolab.evaluation.extractors import INCEPTION
-from histolab.evaluation.features import collect
+from histolab.evaluation.features import collect_cached
 
 IS_UNAVAILABLE = (
     "not computed: the Inception Score needs the network's 1008-class softmax layer, which default_1.pt "
@@ -26,12 +26,14 @@ def evaluate_sets(
     train=None,
     warn: Callable[[str], None] = print,
     progress: Callable[[str, int, int], None] | None = None,
+    feature_cache=None,
 ) -> dict:
     """Metrics of ``fake`` against ``real`` (ImageSets) in every extractor's space.
 
     ``train``: the generator's training images; when given, each synthetic image's
     nearest training image is found (memorisation), with ``real`` as the held-out
-    baseline for the near-copy threshold.
+    baseline for the near-copy threshold. ``feature_cache``: a folder where
+    features are kept and reused for the same images, space and weights.
     """
     config = (config or EvalConfig()).validate()
     if not extractors:
@@ -50,7 +52,7 @@ def evaluate_sets(
     feats = {}
     for role, s in sets.items():
         cb = (lambda d, n, role=role: progress(role, d, n)) if progress else None
-        feats[role] = collect(extractors, s, batch_size=config.batch_size, progress=cb)
+        feats[role] = collect_cached(extractors, s, feature_cache, batch_size=config.batch_size, progress=cb)
     report: dict = {
         "sets": {role: _describe(s) for role, s in sets.items()},
         "config": config_dict(config),

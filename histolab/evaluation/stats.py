@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+FLUSH_ROWS = 512  # rows buffered before their outer products are added (bounded memory: 512 x dim floats)
+
 
 class RunningStats:
     def __init__(self, dim: int):
@@ -19,7 +21,9 @@ class RunningStats:
         self.n = 0
         self.shift: np.ndarray | None = None
         self.s1 = np.zeros(dim, dtype=np.float64)
-        self.s2 = np.zeros((dim, dim), dtype=np.float64)
+        self._s2 = np.zeros((dim, dim), dtype=np.float64)
+        self._pending: list[np.ndarray] = []
+        self._pending_rows = 0
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float64)
@@ -32,7 +36,28 @@ class RunningStats:
         d = x - self.shift
         self.n += len(x)
         self.s1 += d.sum(axis=0)
-        self.s2 += d.T @ d
+        # Outer products are added FLUSH_ROWS at a time: adding to a 2048 x 2048
+        # float64 matrix costs the same for 8 rows as for 1024.
+        self._pending.append(d)
+        self._pending_rows += len(d)
+        if self._pending_rows >= FLUSH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            d = np.concatenate(self._pending)
+            self._s2 += d.T @ d
+            self._pending, self._pending_rows = [], 0
+
+    @property
+    def s2(self) -> np.ndarray:
+        self._flush()
+        return self._s2
+
+    @s2.setter
+    def s2(self, value: np.ndarray) -> None:
+        self._pending, self._pending_rows = [], 0
+        self._s2 = value
 
     @property
     def mean(self) -> np.ndarray:
@@ -74,12 +99,33 @@ class CosineGram:
 
     def __init__(self, dim: int):
         self.n = 0
-        self.g = np.zeros((dim, dim), dtype=np.float64)
+        self._g = np.zeros((dim, dim), dtype=np.float64)
+        self._pending: list[np.ndarray] = []
+        self._pending_rows = 0
 
     def update(self, x: np.ndarray) -> None:
         u = normalise(np.asarray(x, dtype=np.float64))
         self.n += len(u)
-        self.g += u.T @ u
+        self._pending.append(u)
+        self._pending_rows += len(u)
+        if self._pending_rows >= FLUSH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            u = np.concatenate(self._pending)
+            self._g += u.T @ u
+            self._pending, self._pending_rows = [], 0
+
+    @property
+    def g(self) -> np.ndarray:
+        self._flush()
+        return self._g
+
+    @g.setter
+    def g(self, value: np.ndarray) -> None:
+        self._pending, self._pending_rows = [], 0
+        self._g = value
 
 
 def normalise(x: np.ndarray) -> np.ndarray:

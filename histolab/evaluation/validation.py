@@ -15,13 +15,12 @@ Metrics come back flat, ``"<space>/<metric>"``: ``inception/fid``,
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from histolab.errors import InvalidRequest
 from histolab.evaluation.evaluate import EvalConfig, compare, metric_name
-from histolab.evaluation.features import SpaceFeatures, collect
+from histolab.evaluation.features import SpaceFeatures, collect, fingerprint
 from histolab.evaluation.images import ImageSet, images_from_pil
 
 # Fewer KID subsets than a final report: an epoch's number guides a choice,
@@ -31,16 +30,6 @@ VALIDATION_CONFIG = EvalConfig(kid_subsets=20)
 
 def _as_set(images, labels=None) -> ImageSet:
     return images if isinstance(images, ImageSet) else images_from_pil(list(images), labels, spec="validation")
-
-
-def fingerprint(image_set: ImageSet) -> str:
-    """sha256 over every image's size and RGB pixels, in order, and its label."""
-    h = hashlib.sha256()
-    for i in range(len(image_set)):
-        img = image_set.load(i)
-        h.update(f"{img.size}|{image_set.items[i].label}|".encode())
-        h.update(img.tobytes())
-    return h.hexdigest()
 
 
 @dataclass
