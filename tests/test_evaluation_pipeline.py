@@ -279,3 +279,18 @@ def test_feature_cache_reuses_features_of_the_same_images(tmp_path, tiny):
     Image.new("RGB", (16, 16), (1, 2, 3)).save(tmp_path / "real" / "red" / "000.png")  # an image changes
     collect_cached([ex], open_image_set(tmp_path / "real"), tmp_path / "cache", batch_size=5)
     assert ex.images == 24
+
+
+def test_sweep_cli_parses_adapters_and_scales():
+    from histolab.cli.sweep_guidance import _adapter
+    from histolab.errors import InvalidRequest
+    from histolab.evaluation.sweep import parse_scales
+    from histolab.generation import AdapterSpec
+
+    assert _adapter("checkpoints/proj") == AdapterSpec("checkpoints/proj")
+    assert _adapter("uni-projector:0.8") == AdapterSpec("uni-projector", 0.8)
+    assert _adapter("name:-1.5") == AdapterSpec("name", -1.5)
+    assert parse_scales("5,7.5,10") == (5.0, 7.5, 10.0)
+    assert parse_scales("7:8:0.5") == (7.0, 7.5, 8.0)
+    with pytest.raises(InvalidRequest, match="START:STOP:STEP"):
+        parse_scales("2:1:0.1")

@@ -7,9 +7,11 @@ archive and never import the package (its ``__init__`` imports cv2).
 
 Why not ``torch.jit.load``: loading a TorchScript archive compiles and runs
 the TorchScript code it carries; we only want tensors. Why not
-``torch.load(weights_only=True)``: the archive's ``data.pkl`` names the
-archive's own script classes (``__torch__.inceptionv3.Conv2dLayer``, ...),
-which the weights-only unpickler rightly refuses. So we read ``data.pkl``
+``torch.load(weights_only=True)``: torch 2.13 refuses TorchScript archives
+outright ("Cannot use weights_only=True with TorchScript archives"), and the
+archive's ``data.pkl`` names its own script classes
+(``__torch__.inceptionv3.Conv2dLayer``, ...), which the weights-only
+unpickler would refuse anyway. So we read ``data.pkl``
 with our own restricted unpickler (the "restricting globals" recipe of the
 ``pickle`` documentation): it resolves exactly five names (tensor rebuild,
 float storage, OrderedDict, TorchScript's int list, and any ``__torch__.*``

@@ -105,7 +105,7 @@ def _coverage(query, ref, radii, block: int) -> float:
     inside = []
     for part in q.split(block):
         inside.append((torch.cdist(part, r) <= rad).any(dim=1))
-    return float(torch.cat(inside).float().mean())
+    return float(torch.cat(inside).double().mean())
 
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, block: int = 2048) -> dict:
