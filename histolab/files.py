@@ -27,6 +27,7 @@ the file and what is wrong with it; ``ModelNotFound`` when there is no file.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
@@ -380,6 +381,7 @@ def load_state_dict(
         obj = _torch_load(p, kind)
         if not isinstance(obj, dict):
             raise UnsafeFile(f"{p.name}: a torch file holding {type(obj).__name__}, not a state dict")
+        check_plain(obj, p.name)
         tensors, meta = obj, {}
     elif kind == "empty":
         raise UnsafeFile(f"{p.name}: the file is empty (0 bytes)")
@@ -419,6 +421,47 @@ def _walk(tensors, name: str):
                 yield key, v
             elif isinstance(v, (dict, list, tuple)):
                 stack.append((key + ".", v, depth + 1))
+
+
+_PLAIN_LEAVES = (str, bytes, int, float, bool, complex, type(None))
+
+
+def check_plain(obj, name: str) -> None:
+    """Refuse anything but plain tensors, numbers, strings and containers of them.
+
+    torch's weights-only unpickler also allows a few torch-internal classes
+    (distributed DTensor and device meshes, nested tensors, ...): no weights
+    file histolab reads contains them, so they are refused here too.
+    """
+    import torch
+
+    stack = [("", obj, 0)]
+    while stack:
+        prefix, node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise UnsafeFile(f"{name}: nested more than {MAX_NESTING} levels deep at {prefix!r}: not a weights file")
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for k, v in items:
+            key = f"{prefix}{k}"
+            if isinstance(node, dict) and not isinstance(k, _PLAIN_LEAVES):
+                raise UnsafeFile(f"{name}: a key of type {type(k).__name__} at {prefix!r}: not a plain weights file")
+            if type(v) in (torch.Tensor, torch.nn.Parameter):
+                if v.layout != torch.strided or v.device.type not in ("cpu", "meta"):
+                    raise UnsafeFile(
+                        f"{name}: tensor {key!r} has layout {v.layout} on {v.device}: not a plain weights file"
+                    )
+            elif isinstance(v, (dict, list, tuple)) and type(v) in (
+                dict,
+                list,
+                tuple,
+                collections.OrderedDict,
+                torch.Size,
+            ):
+                stack.append((key + ".", v, depth + 1))
+            elif not isinstance(v, (*_PLAIN_LEAVES, torch.dtype)):
+                raise UnsafeFile(
+                    f"{name}: {key!r} holds a {type(v).__module__}.{type(v).__qualname__}: not a plain weights file"
+                )
 
 
 def count_tensors(tensors, name: str = "state dict") -> int:

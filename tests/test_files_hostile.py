@@ -535,3 +535,26 @@ def test_torch_file_that_is_not_a_dict(tmp_path):
     f = tmp_path / "tensor.pt"
     torch.save(torch.ones(3), f)
     assert_refused(f, "not a state dict")
+
+
+def test_torch_internal_objects_allowed_by_weights_only_are_refused(tmp_path):
+    # A nested (jagged) tensor passes torch's weights-only unpickler; no weights file we read holds one.
+    nt = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=torch.jagged)
+    f = tmp_path / "nested.pt"
+    torch.save({"w": nt}, f)
+    assert torch.load(f, weights_only=True)["w"].is_nested
+    assert_refused(f, "not a plain weights file")
+
+
+def test_sparse_tensor_is_refused(tmp_path):
+    f = tmp_path / "sparse.pt"
+    torch.save({"w": torch.eye(3).to_sparse()}, f)
+    assert_refused(f, "layout")
+
+
+def test_fifo_is_not_opened(tmp_path):
+    import os
+
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    assert_refused(fifo, "not a regular file")  # opening it would block forever
