@@ -320,7 +320,7 @@ def _torch_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}"[:300]
 
 
-def _torch_load(p: Path, kind: str):
+def _torch_load(p: Path, kind: str, mmap: bool = False):
     import warnings
 
     import torch
@@ -331,6 +331,8 @@ def _torch_load(p: Path, kind: str):
         with warnings.catch_warnings():
             # torch warns about pickle protocols other than 2; the file is refused or accepted on its content anyway.
             warnings.simplefilter("ignore")
+            if mmap and kind == "torch-zip" and p.suffix != ".safetensors":
+                return torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
             # An open file, not the path: torch.load routes a path ending in .safetensors to
             # the safetensors reader by its name, and here only the content decides.
             with open(p, "rb") as fh:
@@ -342,6 +344,27 @@ def _torch_load(p: Path, kind: str):
             f"{p.name}: refused to load{what}: only safetensors and weights-only torch files (tensors and plain "
             f"containers) are accepted ({_torch_reason(exc)})"
         ) from exc
+
+
+def load_torch_file(path: str | Path, *, mmap: bool = False) -> dict:
+    """A torch file (zip or legacy pickle), loaded the safe way, as a dict of tensors and plain values.
+
+    Use this instead of ``torch.load``: it never trusts the name (torch 2.13's
+    ``torch.load`` hands a path ending in ``.safetensors`` to the safetensors
+    reader), checks the zip, loads with ``weights_only=True``, names what a
+    refused pickle imports, and refuses non-plain objects. ``mmap``: map a zip
+    file's storages instead of reading them (for reading shapes of big files).
+    Values are not checked for finiteness here (``load_state_dict`` does).
+    """
+    p = _require_file(path)
+    kind = sniff(p)
+    if kind not in ("torch-zip", "pickle"):
+        raise UnsafeFile(f"{p.name}: not a torch file (its content is {kind})")
+    obj = _torch_load(p, kind, mmap=mmap)
+    if not isinstance(obj, dict):
+        raise UnsafeFile(f"{p.name}: a torch file holding {type(obj).__name__}, not a state dict")
+    check_plain(obj, p.name)
+    return obj
 
 
 # ------------------------------------------------------------ loading
@@ -378,11 +401,7 @@ def load_state_dict(
         if set(tensors) != set(header) - {"__metadata__"}:
             raise UnsafeFile(f"{p.name}: safetensors returned other tensors than its header lists")
     elif kind in ("torch-zip", "pickle"):
-        obj = _torch_load(p, kind)
-        if not isinstance(obj, dict):
-            raise UnsafeFile(f"{p.name}: a torch file holding {type(obj).__name__}, not a state dict")
-        check_plain(obj, p.name)
-        tensors, meta = obj, {}
+        tensors, meta = load_torch_file(p), {}
     elif kind == "empty":
         raise UnsafeFile(f"{p.name}: the file is empty (0 bytes)")
     elif kind == "safetensors-oversized":

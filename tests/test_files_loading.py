@@ -117,3 +117,19 @@ def test_pickle_globals_reads_without_running():
     names = pickle_globals(pickle.dumps([Call(), torch.nn.Linear], protocol=4))
     assert "builtins.print" in names and "torch.nn.modules.linear.Linear" in names
     assert pickle_globals(pickle.dumps([Call()], protocol=2)) == ["builtins.print"]
+
+
+def test_load_torch_file_mmap_and_name_independence(tmp_path):
+    from histolab.files import load_torch_file
+
+    w = torch.arange(12.0).reshape(3, 4)
+    for name in ("a.pt", "b.safetensors"):
+        f = tmp_path / name
+        torch.save({"w": w, "step": 3}, f)
+        for mmap in (False, True):
+            obj = load_torch_file(f, mmap=mmap)
+            assert torch.equal(obj["w"], w) and obj["step"] == 3
+    st = tmp_path / "real.safetensors"
+    save_file({"w": w}, str(st))
+    with pytest.raises(UnsafeFile, match="not a torch file"):
+        load_torch_file(st)
