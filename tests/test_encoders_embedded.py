@@ -97,15 +97,29 @@ def test_random_init_of_the_same_shape_fails_the_marks(seed):
     assert grey["knn_balanced_accuracy"] < GREY_KNN_MIN, grey
 
 
-def test_patches_keep_their_identity_under_rotation_and_flip(encoder):
-    # Different patches must give different embeddings (reference-patch
-    # conditioning depends on it), and orientation must not matter: a rotated
-    # and flipped crop's nearest neighbour among the originals is itself.
+def orientation_stability(enc) -> tuple[float, float]:
+    """A rotated and flipped test crop against all unrotated ones: (mean share of other
+    crops that are less similar to it than its own original, share with the original in the top 5)."""
     crops = [bundled.load_crop(c) for c in bundled.crops("test", 48)]
     turned = [im.transpose(Image.Transpose.ROTATE_90).transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in crops]
-    a, b = F.normalize(encoder.encode(crops), dim=1), F.normalize(encoder.encode(turned), dim=1)
-    hits = (b @ a.T).argmax(1) == torch.arange(len(crops))
-    assert hits.float().mean() >= 0.9, f"{int(hits.sum())}/{len(crops)}"
+    a, b = F.normalize(enc.encode(crops), dim=1), F.normalize(enc.encode(turned), dim=1)
+    sim = b @ a.T
+    own = sim.diag()
+    off = ~torch.eye(len(crops), dtype=torch.bool)
+    beaten = ((sim < own[:, None]) & off).sum(1).float() / (len(crops) - 1)
+    rank = ((sim > own[:, None]) & off).sum(1)
+    return float(beaten.mean()), float((rank < 5).float().mean())
+
+
+def test_patches_keep_their_identity_under_rotation_and_flip(encoder):
+    # Different patches must give different embeddings (reference-patch
+    # conditioning depends on it) while orientation must not matter. Crops
+    # 48 px apart can share a neighbourhood, which training pulls together on
+    # purpose, so the nearest crop is not always the original itself.
+    beaten, top5 = orientation_stability(encoder)
+    assert beaten >= 0.95 and top5 >= 0.85, (beaten, top5)
+    beaten_random, _ = orientation_stability(random_init_encoder(0))
+    assert beaten_random < 0.95, beaten_random
 
 
 def test_tampered_weights_are_refused(tmp_path):

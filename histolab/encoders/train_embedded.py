@@ -256,9 +256,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for model.safetensors and manifest.json")
-    ap.add_argument("--steps", type=int, default=200, help="optimiser steps")
+    ap.add_argument("--steps", type=int, default=300, help="optimiser steps")
     ap.add_argument("--batch", type=int, default=64, help="neighbourhoods per step (two views each)")
-    ap.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (5%% warm-up, cosine decay)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (5%% warm-up, cosine decay)")
     ap.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
     ap.add_argument("--seed", type=int, default=0, help="seed of initialisation, sampling and augmentation")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (results are exact for a given count)")
@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = args.out / WEIGHTS_FILE
     tmp = weights.with_suffix(".tmp")
     save_file(state_for_saving(net), str(tmp), metadata={"format": "pt", "histolab": "embedded-encoder"})
+    tmp.chmod(0o644)  # the writer creates it owner-only; the weights are meant to be shared
     tmp.replace(weights)
     # The report measures the file as shipped (fp16 weights), through the public loader.
     shipped = load_embedded_encoder(weights)
