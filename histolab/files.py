@@ -17,9 +17,12 @@ is still a pickle), so the format is decided from its first bytes:
 
 ``weights_only=True`` is the actual guard against code execution: its
 unpickler refuses every global that is not a tensor, storage, dtype or plain
-container. Before it runs, the pickle's opcodes are scanned (never executed)
-so that the refusal can name the callable the file tried to import
-(``os.system``, ``builtins.exec``, ...).
+container. When it refuses, the pickle's opcodes are read (never executed)
+so that the message can name the callable the file tried to import
+(``os.system``, ``builtins.exec``, ...). What it returns must then be plain:
+tensors (dense, on the CPU), numbers, strings and containers of them; the few
+torch-internal classes it also allows (DTensor, nested tensors, ...) are
+refused, since no weights file histolab reads holds them.
 
 Every failure is a ``UnsafeFile`` (a ``HistolabError``) whose message names
 the file and what is wrong with it; ``ModelNotFound`` when there is no file.
@@ -32,6 +35,7 @@ import hashlib
 import io
 import json
 import pickletools
+import re
 import struct
 import zipfile
 from collections.abc import Mapping
@@ -71,9 +75,14 @@ SAFETENSORS_DTYPES: dict[str, int] = {
     "C64": 8,
 }
 
-# Globals a weights file's pickle may name. Only used to word the refusal:
-# torch's weights-only unpickler is what enforces the rule.
-_BENIGN_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset")
+# Globals a weights file's pickle normally names. Only used to word a refusal
+# (the others are listed in the message): torch's weights-only unpickler is
+# what enforces the rule.
+_BENIGN_GLOBALS = re.compile(
+    r"torch\._utils\._rebuild_\w+|torch\._tensor\._rebuild_from_type_v2|torch\.\w*Storage"
+    r"|torch\.(u?int\d+|float\d*|bfloat16|half|bool|complex\d+|float8_\w+|Size|device)"
+    r"|torch\.nn\.parameter\.Parameter|collections\.OrderedDict|builtins\.(set|frozenset)"
+)
 
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
 
@@ -304,14 +313,12 @@ def _suspicious_globals(p: Path, kind: str) -> list[str]:
                 names = pickle_globals(io.BytesIO(fh.read(16 << 20)))
     except Exception:
         return []
-    return sorted({n for n in names if not n.startswith(_BENIGN_GLOBAL_PREFIXES)})
+    return sorted({n for n in names if not _BENIGN_GLOBALS.fullmatch(n)})
 
 
 def _torch_reason(exc: BaseException) -> str:
     """The useful part of torch.load's error, without its advice to retry with
     weights_only=False (which is exactly what must not be done with such a file)."""
-    import re
-
     text = str(exc)
     m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n\n|$)", text, flags=re.S)
     if m:

@@ -558,3 +558,13 @@ def test_fifo_is_not_opened(tmp_path):
     fifo = tmp_path / "model.safetensors"
     os.mkfifo(fifo)
     assert_refused(fifo, "not a regular file")  # opening it would block forever
+
+
+def test_dangerous_callable_inside_the_torch_namespace_is_refused_and_named(tmp_path):
+    class Fetch:
+        def __reduce__(self):
+            return (torch.hub.load_state_dict_from_url, ("http://127.0.0.1:9/weights.pt",))
+
+    f = tmp_path / "fetch.pt"
+    f.write_bytes(pickle.dumps({"w": Fetch()}, protocol=2))
+    assert_refused(f, "refused", "torch.hub.load_state_dict_from_url")
