@@ -64,6 +64,15 @@ def test_encode_contract(encoder):
     torch.testing.assert_close(encoder.encode([np.asarray(crops[0])]), emb[:1], rtol=1e-4, atol=1e-5)
 
 
+def test_embeddings_can_train_a_projector(encoder):
+    # The foundation-embedding adapter trains on these: they must be ordinary
+    # (no-grad, not inference-mode) tensors that autograd can save.
+    emb = encoder.encode([bundled.load_crop(c) for c in bundled.crops("test", 64)[:2]])
+    proj = torch.nn.Linear(256, 4)
+    proj(emb).pow(2).sum().backward()
+    assert proj.weight.grad is not None and torch.isfinite(proj.weight.grad).all()
+
+
 def test_transform_resizes_and_centre_crops(encoder):
     rng = np.random.default_rng(0)
     big = Image.fromarray(rng.integers(0, 256, (128, 192, 3), dtype=np.uint8))

@@ -72,7 +72,7 @@ class FrozenEncoder:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode(self, images) -> torch.Tensor:
         """(n, dim) float32 embeddings on the CPU, without gradients, in batches."""
         if isinstance(images, (Image.Image, np.ndarray)) or (isinstance(images, torch.Tensor) and images.ndim == 3):
