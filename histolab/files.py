@@ -347,9 +347,10 @@ def _torch_load(p: Path, kind: str, mmap: bool = False):
     except Exception as exc:  # weights_only refuses code-carrying pickles with UnpicklingError
         bad = _suspicious_globals(p, kind)
         what = f" (it imports {', '.join(bad)})" if bad else ""
+        content = {"torch-zip": "a torch zip archive", "pickle": "a Python pickle"}.get(kind, kind)
         raise UnsafeFile(
-            f"{p.name}: refused to load{what}: only safetensors and weights-only torch files (tensors and plain "
-            f"containers) are accepted ({_torch_reason(exc)})"
+            f"{p.name}: its content is {content}; refused to load{what}: only safetensors and weights-only torch "
+            f"files (tensors and plain containers) are accepted ({_torch_reason(exc)})"
         ) from exc
 
 
