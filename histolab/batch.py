@@ -35,6 +35,7 @@ gives the pixels of an uninterrupted single-process run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -339,12 +340,19 @@ def generate_to_dir(
     is raised, so the folder is consistent and ``resume=True`` continues it.
     """
     check_count(n)
-    out = prepare_dir(out_dir, manifest_for(model, request, n), resume=resume)
+    out = Path(out_dir)
+    fresh = not (out / MANIFEST).exists()
+    prepare_dir(out, manifest_for(model, request, n), resume=resume)
     merge_index(out, verify_all=resume)
     try:
         return run_worker(model, request, out, progress=progress, cancel=cancel)
+    except BaseException:
+        if fresh and not merge_index(out):
+            _remove_empty_run(out)  # a run that failed before its first image leaves nothing to resume
+        raise
     finally:
-        merge_index(out)
+        if (out / MANIFEST).exists():
+            merge_index(out)
 
 
 def generate_distributed(
@@ -412,6 +420,13 @@ def _write_png(image, recipe: Recipe, path: Path) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def _remove_empty_run(out: Path) -> None:
+    for name in (MANIFEST, INDEX):
+        (out / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        out.rmdir()  # only if nothing else is in it
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -152,7 +152,8 @@ def run(args) -> int:
     from histolab.pipeline import load_base, optimize_for_inference, resolve_device, resolve_dtype
     from histolab.recipe import read_recipe
 
-    state = _accelerate_state()
+    _quiet_library_progress_bars()
+    state = _accelerate_state(args.device)
     recipe = None
     if args.from_png:
         try:
@@ -198,12 +199,32 @@ def run(args) -> int:
     return 0
 
 
-def _accelerate_state():
-    """accelerate's PartialState when launched by ``accelerate launch`` (or torchrun), else None."""
+def _accelerate_state(device: str):
+    """accelerate's PartialState when launched as several processes (``accelerate launch``,
+    torchrun), else None. On machines without CUDA the processes talk over gloo (cpu=True)."""
     import os
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
         return None
     from accelerate import PartialState
 
-    return PartialState()
+    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+    if state.num_processes != world:
+        raise InvalidRequest(
+            f"launched as {world} processes but accelerate set up {state.num_processes}; "
+            "launch with `accelerate launch --multi_gpu --num_processes N` (or torchrun)"
+        )
+    return state
+
+
+def _quiet_library_progress_bars() -> None:
+    """transformers and diffusers draw a bar per weights file on stderr; this command's own
+    progress line (and a one-line error) is all that should be there."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
