@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
@@ -66,6 +67,8 @@ class Settings:
     channels_last: str  # "both", "on", "off", "auto"
     compile: bool
     peak_tflops: float
+    threads: int
+    layout_calls: int
 
 
 def parse_args(argv=None) -> Settings:
@@ -90,6 +93,10 @@ def parse_args(argv=None) -> Settings:
     )
     p.add_argument("--compile", action="store_true", help="also time the engine with a torch.compile'd U-Net")
     p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS, help="device peak for the compute floor")
+    p.add_argument(
+        "--layout-calls", type=int, default=40, help="alternating network calls for the memory-format comparison"
+    )
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: every core)")
     a = p.parse_args(argv)
     profile = a.profile if a.profile != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     gpu = profile == "gpu"
@@ -107,6 +114,8 @@ def parse_args(argv=None) -> Settings:
         channels_last=a.channels_last,
         compile=a.compile,
         peak_tflops=a.peak_tflops,
+        threads=a.threads,
+        layout_calls=a.layout_calls,
     )
 
 
@@ -261,12 +270,53 @@ def measure(s: Settings, model, pipe, variants, bs: int, floor, sync) -> list[st
     return lines
 
 
+def layout_lines(model, s: Settings, bs: int, sync, calls: int = 40) -> list[str]:
+    """U-Net pass (the guided batch, 2 x bs) and one VAE decode, contiguous vs channels_last:
+    ``calls`` alternating calls each, medians. Finer-grained than whole generations, so the
+    layout decision rests on many samples even on a busy machine."""
+    import torch
+
+    from histolab.pipeline import optimize_for_inference
+
+    lat = s.size // model.vae_scale_factor
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * bs, model.unet.config.in_channels, lat, lat, generator=g).to(model.device, model.dtype)
+    emb = torch.randn(2 * bs, model.tokenizer.model_max_length, model.cross_attention_dim, generator=g)
+    emb = emb.to(model.device, model.dtype)
+    t = torch.tensor(500, device=model.device)
+    jobs = {
+        "U-Net pass": lambda: model.unet(x, t, encoder_hidden_states=emb).sample,
+        "VAE decode": lambda: model.vae.decode(x[:1]).sample,
+    }
+    lines = []
+    for name, job in jobs.items():
+        times: dict[bool, list[float]] = {False: [], True: []}
+        with torch.inference_mode():
+            for i in range(calls + 2):
+                for cl in (False, True) if i % 2 == 0 else (True, False):
+                    optimize_for_inference(model, channels_last=cl)
+                    sync()
+                    t0 = time.perf_counter()
+                    job()
+                    sync()
+                    if i >= 2:  # the first two rounds warm up
+                        times[cl].append(time.perf_counter() - t0)
+        a, b = statistics.median(times[False]), statistics.median(times[True])
+        what = f"{name} (batch {2 * bs})" if name == "U-Net pass" else f"{name} (1 image)"
+        lines.append(
+            f"  {what:<24} contiguous {a * 1e3:8.2f} ms   channels_last {b * 1e3:8.2f} ms   ratio {a / b:5.2f}"
+        )
+    optimize_for_inference(model, channels_last=False)
+    return lines
+
+
 def main(argv=None) -> int:
     import torch
 
     from histolab.pipeline import optimize_for_inference
 
     s = parse_args(argv)
+    torch.set_num_threads(s.threads)
     gpu = s.profile == "gpu"
     cuda = torch.device(s.device).type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -308,6 +358,13 @@ def main(argv=None) -> int:
         for bs in s.batch_sizes:
             for line in measure(s, model, pipe, variants, bs, floor, sync):
                 print(line, flush=True)
+        if s.channels_last == "both":
+            print(
+                "memory format, per network call (40 alternating calls each, medians; ratio > 1: channels_last faster)"
+            )
+            for bs in s.batch_sizes:
+                for line in layout_lines(model, s, bs, sync):
+                    print(line, flush=True)
         del model, pipe, variants
     return 0
 

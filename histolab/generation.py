@@ -2,9 +2,11 @@
 
 Image i of a request uses seed ``seed + i``: its initial noise and every noise
 draw of an ancestral sampler come from its own ``torch.Generator``, so an image
-is the same whatever the batch size it is generated in. Classifier-free
-guidance runs both branches in one U-Net batch; guidance 1.0 runs the
-conditional branch alone.
+is the same whatever the batch size it is generated in: on CPU to the last bit
+(see FIXED_ROWS) for a given number of threads (CPU kernels split their sums
+by thread); on GPUs to within the kernels' rounding. Classifier-free guidance
+runs both branches in one U-Net batch; guidance 1.0 runs the conditional
+branch alone.
 """
 
 from __future__ import annotations

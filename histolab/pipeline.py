@@ -120,7 +120,10 @@ def optimize_for_inference(model: BaseModel, *, channels_last: bool | None = Non
         m.to(memory_format=fmt)
     if compile and not model.optimizations.get("compile"):
         model.unet.compile()
-    model.optimizations = {"channels_last": bool(channels_last), "compile": bool(compile)}
+    model.optimizations = {
+        "channels_last": bool(channels_last),
+        "compile": bool(compile or model.optimizations.get("compile")),
+    }
     return model
 
 
