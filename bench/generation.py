@@ -23,9 +23,10 @@ Profiles (``--profile auto`` picks gpu when CUDA is available):
 Smoke test of the gpu path on CPU (what tests/test_bench_generation.py runs):
 ``python bench/generation.py --profile gpu --device cpu --arch tiny --size 32 --steps 2 --repeats 1``
 
-Measured on CPU for the channels_last decision (2 cores, embedded, see the
-report in the commit that added this file): channels_last made the embedded
-model slower on CPU, so ``optimize_for_inference`` leaves it off on CPU.
+The channels_last decision for CPU rests on the per-call comparison this
+script prints under the table (many alternating calls of one network each,
+steadier on a busy machine than whole generations); see
+histolab.pipeline.optimize_for_inference for the outcome.
 """
 
 from __future__ import annotations
@@ -360,10 +361,11 @@ def main(argv=None) -> int:
                 print(line, flush=True)
         if s.channels_last == "both":
             print(
-                "memory format, per network call (40 alternating calls each, medians; ratio > 1: channels_last faster)"
+                f"memory format, per network call ({s.layout_calls} alternating calls each, medians; "
+                "ratio > 1: channels_last faster)"
             )
             for bs in s.batch_sizes:
-                for line in layout_lines(model, s, bs, sync):
+                for line in layout_lines(model, s, bs, sync, s.layout_calls):
                     print(line, flush=True)
         del model, pipe, variants
     return 0

@@ -100,11 +100,13 @@ def optimize_for_inference(model: BaseModel, *, channels_last: bool | None = Non
     """Speed settings for generation; results stay deterministic for a given setting.
 
     ``channels_last`` (None: decide by device): NHWC is the native layout of
-    tensor-core convolutions, so it is on for CUDA; on CPU it is off because
-    ``bench/generation.py --channels-last`` measured the embedded model slower
-    with it on 2 cores (see that script's docstring). It changes the last bits
-    of the pixels (another convolution algorithm), so a recipe re-run under the
-    other setting matches to within a few levels, not bit for bit.
+    tensor-core convolutions, so it is on for CUDA (not yet measured here: run
+    ``bench/generation.py`` on a GPU, which times both). On CPU it stays off:
+    measured on the embedded model with 2 cores it made single network calls
+    at most a few per cent faster for the U-Net (about 17% for the decoder, a
+    small share of the time) and whole generations no faster beyond the noise,
+    while it changes the last bit of some pixels, so recipes made through the
+    library's default (contiguous) would no longer re-run bit for bit.
 
     ``compile``: ``torch.compile`` the U-Net in place (``nn.Module.compile``
     keeps the module, its config and its adapter hooks); the first call then
