@@ -68,7 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="weights and activations: auto is float32 on CPU, bfloat16 on GPUs that support it, else float16",
     )
     p.add_argument(
-        "--channels-last", choices=("auto", "on", "off"), default="auto", help="memory format (auto: by device)"
+        "--channels-last",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="memory format of U-Net and VAE: auto is channels_last on CUDA, contiguous on CPU (no measured gain there)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slow first batch, faster after)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
