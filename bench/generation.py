@@ -5,7 +5,11 @@ prompt, size, steps, guidance and per-image seeds, in the same process; calls
 alternate between them (ABBA order across rounds) and the medians are printed,
 with images/s and the ratio engine / diffusers (above 1: the engine is faster).
 The "max |diff|" column compares the engine's pixels with diffusers' for the
-same seeds (a few levels at most: they do the same work).
+same seeds (a few levels at most: they do the same work). Two more ratios help
+on a shared machine, where other jobs stretch some calls: "by fastest" (best
+call against best call: noise only ever adds time) and, on CPU, "by CPU time"
+(median CPU seconds of this process per call: time spent waiting for a core
+is not counted).
 
 Profiles (``--profile auto`` picks gpu when CUDA is available):
 
@@ -250,25 +254,40 @@ def measure(s: Settings, model, pipe, variants, bs: int, floor, sync) -> list[st
     for v in variants[1:]:
         prepare(v)
         diffs[v[0]] = max_pixel_diff(run(v), reference)
-    times: dict[str, list[float]] = {v[0]: [] for v in variants}
+    wall: dict[str, list[float]] = {v[0]: [] for v in variants}
+    cpu: dict[str, list[float]] = {v[0]: [] for v in variants}
     for r in range(s.repeats):
         order = variants if r % 2 == 0 else variants[::-1]  # ABBA: drift hits every variant alike
         for v in order:
             prepare(v)
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             run(v)
             sync()
-            times[v[0]].append(time.perf_counter() - t0)
-    base = statistics.median(times["diffusers"])
+            wall[v[0]].append(time.perf_counter() - t0)
+            cpu[v[0]].append(time.process_time() - c0)
+    base, base_best, base_cpu = (
+        f(x["diffusers"]) for f, x in ((statistics.median, wall), (min, wall), (statistics.median, cpu))
+    )
     lines = []
     for label, _, _ in variants:
-        med = statistics.median(times[label])
-        line = f"{bs:>5}  {label:<30}{med:>9.3f}{bs / med:>10.2f}{base / med:>14.2f}{diffs[label]:>12}"
+        med = statistics.median(wall[label])
+        line = (
+            f"{bs:>5}  {label:<30}{med:>9.3f}{bs / med:>10.2f}{base / med:>14.2f}{base_best / min(wall[label]):>12.2f}"
+        )
+        if not on_gpu(s):
+            line += f"{base_cpu / statistics.median(cpu[label]):>12.2f}"
+        line += f"{diffs[label]:>12}"
         if floor is not None:
             line += f"{floor * bs / med:>10.1%}"
         lines.append(line)
     return lines
+
+
+def on_gpu(s: Settings) -> bool:
+    import torch
+
+    return torch.device(s.device).type == "cuda"
 
 
 def layout_lines(model, s: Settings, bs: int, sync, calls: int = 40) -> list[str]:
@@ -352,9 +371,10 @@ def main(argv=None) -> int:
             f"{s.scheduler}, {s.repeats} timed calls per variant (interleaved), medians"
         )
         if floor is not None:
-            print(f"compute floor: {floor * 1e3:.2f} ms/image ({floor_src}, peak {s.peak_tflops:g} TFLOP/s)")
-        header = f"{'batch':>5}  {'variant':<30}{'s/call':>9}{'images/s':>10}{'vs diffusers':>14}{'max |diff|':>12}"
-        print(header + (f"{'of floor':>10}" if floor is not None else ""))
+            print(f"compute floor: {floor * 1e3:.3g} ms/image ({floor_src}, peak {s.peak_tflops:g} TFLOP/s)")
+        header = f"{'batch':>5}  {'variant':<30}{'s/call':>9}{'images/s':>10}{'vs diffusers':>14}{'by fastest':>12}"
+        header += "" if cuda else f"{'by CPU time':>12}"
+        print(header + f"{'max |diff|':>12}" + (f"{'of floor':>10}" if floor is not None else ""))
 
         for bs in s.batch_sizes:
             for line in measure(s, model, pipe, variants, bs, floor, sync):
