@@ -43,8 +43,10 @@ def test_gpu_path_smoke_on_cpu(bench, capsys):
     for i in range(0, 12, 3):
         base = float(rows[i][2])
         for bs, label, secs, ips, ratio, *_, diff, _ in rows[i : i + 3]:
-            assert float(ips) == pytest.approx(int(bs) / float(secs), rel=0.02, abs=0.01)
-            assert float(ratio) == pytest.approx(base / float(secs), rel=0.02, abs=0.01)
+            # Seconds are printed with 3 decimals: allow that rounding on top of 2%.
+            rel = 0.02 + 0.0005 / float(secs)
+            assert float(ips) == pytest.approx(int(bs) / float(secs), rel=rel, abs=0.01)
+            assert float(ratio) == pytest.approx(base / float(secs), rel=rel + 0.0005 / base, abs=0.01)
             if label == "engine" and i < 6:  # float32: the engine does diffusers' work, pixel for pixel
                 assert int(diff) <= 2, "engine and diffusers disagree on the same seeds"
     assert out.count("U-Net pass (batch") == 4 and out.count("VAE decode (1 image)") == 4
