@@ -1,12 +1,27 @@
-"""``python app.py``: the histolab app in the browser (settings from the environment,
-see histolab.ui.AppSettings). Importing this file loads and serves nothing."""
+"""``python app.py``: the histolab app in the browser (settings from the environment, see
+histolab.ui.settings.AppSettings; HISTOLAB_DATA_DIR=/data for a Space's persistent storage).
+Importing this file loads and serves nothing."""
 
-from histolab.ui import AppSettings, build_app, launch_options
+import os
 
 
 def main() -> None:
+    from histolab.ui import AppSettings, Services, build_app, launch_options
+    from histolab.ui.spaces import on_space, zero_gpu
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if on_space():
+        # Hosted: users may name only adapters inside checkpoints/ (histolab.adapters.runtime).
+        os.environ.setdefault("HISTOLAB_ADAPTERS_ONLY_CHECKPOINTS", "1")
+        os.environ.setdefault("GRADIO_SERVER_NAME", "0.0.0.0")
+    if zero_gpu():
+        import spaces  # noqa: F401  (ZeroGPU must be imported before torch touches CUDA)
     settings = AppSettings.from_env()
-    build_app(settings).launch(**launch_options(settings))
+    services = Services(settings)
+    if zero_gpu() and not services.base_problem():
+        services.model(settings.base)  # ZeroGPU moves a model loaded at start-up onto the GPU of each call
+    app = build_app(services)
+    app.launch(**launch_options(settings, services=services))
 
 
 if __name__ == "__main__":

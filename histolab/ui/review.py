@@ -1,0 +1,435 @@
+"""The Review tab: a rater signs in and scores their tasks blind.
+
+Everything shown comes from the rater API (histolab.review.session), which
+returns only what is safe to show: opaque ids, clean PNG bytes, aspects,
+checklist, prompt text and progress. The images go to the page inline
+(data URLs built from those bytes, with neutral alt text), never as a file
+path or URL, so nothing in the page, its network traffic or a saved file name
+can tell real from synthetic or one model from another.
+
+Who is rating comes from the session's server-side state, set at sign-in.
+The task being answered is the one this session was shown (kept server-side
+with its fresh submission id); the page's copy of the task id only detects a
+stale click. A submission id is minted per task view and reused when a submit
+is retried, so a retry never stores an answer twice; an answer is acknowledged
+only after the rater API has committed it.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+import uuid
+from typing import Any
+
+import gradio as gr
+
+from histolab.errors import HistolabError, StudyError
+from histolab.ui.auth import AccessDenied
+from histolab.ui.common import OnLoad, client_key, new_session, ui_errors
+from histolab.ui.images import blinded_images_html
+
+MAX_ASPECTS = 12  # slider slots on the page; the default templates use 5-6 aspects
+MAX_RANKS = 8  # models a ranking task can order
+CONFIDENCE_INFO = "1: a guess · 3: fairly sure · 5: certain"
+JUDGEMENT_CHOICES = [("Real", "real"), ("Synthetic", "synthetic")]
+
+
+# ------------------------------------------------------------------ plain handlers
+
+
+def _anchors_text(anchors) -> str:
+    return " · ".join(f"{k}: {v}" for k, v in anchors)
+
+
+def _view(task, done_message: str = "") -> dict[str, Any]:
+    """What the page shows for a task (or for 'all done' when ``task`` is None)."""
+    if task is None:
+        return {"done": True, "headline": done_message or "All your tasks are done. Thank you!", "message": ""}
+    kind = task.kind
+    caption = "Image" if kind == "item" else "Set image"
+    prompt = f"**Prompt:** {html.escape(task.prompt)}" if task.prompt else ""
+    if task.set_label:
+        prompt = f"**{html.escape(task.set_label)}**" + (f" · {prompt}" if prompt else "")
+    answers = task.answers
+    return {
+        "done": False,
+        "task_id": task.task_id,
+        "kind": kind,
+        "position": task.position,
+        "progress": (task.progress.done, task.progress.total),
+        "instructions": task.instructions,
+        "prompt": prompt,
+        "references": blinded_images_html([t.png for t in task.references], caption="Real reference", size_px=192),
+        "images": blinded_images_html(
+            [t.png for t in task.images], caption=caption, size_px=384 if kind == "item" else 192
+        ),
+        "aspects": [
+            {
+                "key": a.key,
+                "label": a.label,
+                "info": (a.description + " — " if a.description else "") + _anchors_text(a.anchors),
+                "step": a.step or 0.1,
+                "value": (answers.scores.get(a.key) if answers else None),
+            }
+            for a in task.aspects
+        ],
+        "artefacts": [(a.label, a.key) for a in task.artefacts],
+        "artefacts_marked": list(answers.artefacts) if answers else [],
+        "ask_judgement": task.ask_judgement,
+        "judgement": answers.judgement if answers else None,
+        "confidence": answers.confidence if answers and answers.confidence else 3,
+        "ranking_options": list(task.ranking_options),
+        "ranking": list(answers.ranking) if answers else [],
+        "comment": answers.comment if answers else "",
+        "revising": answers is not None,
+    }
+
+
+def _remember(session: dict, task) -> None:
+    """This session's current task, with a fresh submission id for this view."""
+    if task is None:
+        session["review"] = None
+        return
+    session["review"] = {
+        "task_id": task.task_id,
+        "position": task.position,
+        "kind": task.kind,
+        "aspects": [a.key for a in task.aspects],
+        "aspect_types": [a.type for a in task.aspects],
+        "artefacts": [a.key for a in task.artefacts],
+        "ask_judgement": task.ask_judgement,
+        "ranking_options": list(task.ranking_options),
+        "submission_id": uuid.uuid4().hex,
+        "shown_at": time.monotonic(),
+    }
+
+
+def sign_in(services, session: dict, study_id: str, rater_id: str, code: str, client: str = "") -> dict[str, Any]:
+    from histolab.review import next_task
+
+    ident = services.auth.rater_sign_in(study_id, rater_id, code, client)
+    session["rater"] = ident
+    task = next_task(services.store(), ident.study_id, ident.name)  # resuming is asking for the next task
+    _remember(session, task)
+    return _view(task)
+
+
+def resume(services, session: dict) -> dict[str, Any]:
+    from histolab.review import next_task
+
+    ident = services.auth.require_rater(session)
+    task = next_task(services.store(), ident.study_id, ident.name)
+    _remember(session, task)
+    return _view(task)
+
+
+def previous(services, session: dict) -> dict[str, Any]:
+    """The task before the current one (to revise an answer)."""
+    from histolab.review import progress, task_at
+
+    ident = services.auth.require_rater(session)
+    store = services.store()
+    cur = session.get("review")
+    position = cur["position"] - 1 if cur else progress(store, ident.study_id, ident.name).total
+    if position < 1:
+        raise StudyError("this is your first task")
+    task = task_at(store, ident.study_id, ident.name, position)
+    _remember(session, task)
+    return _view(task)
+
+
+def sign_out(session: dict) -> dict[str, Any]:
+    session["rater"] = None
+    session["review"] = None
+    return {"done": True, "headline": "", "message": "signed out"}
+
+
+def _answers(cur: dict, scores: list, artefacts: list, judgement, confidence, ranking: list, comment: str):
+    from histolab.review import Answers
+
+    if cur["kind"] == "ranking":
+        ranks = [r for r in ranking[: len(cur["ranking_options"])]]
+        if any(not r for r in ranks):
+            raise StudyError("give every rank a model (each model once)")
+        return Answers(ranking=tuple(ranks), comment=comment or "")
+    values = {}
+    for key, typ, v in zip(cur["aspects"], cur["aspect_types"], scores, strict=False):
+        if v is None:
+            raise StudyError(f"no score for {key!r}")
+        values[key] = round(float(v)) if typ == "scale" and float(v) == round(float(v)) else float(v)
+    ask = cur["ask_judgement"]
+    if ask and judgement not in ("real", "synthetic"):
+        raise StudyError("say whether you think the image is real or synthetic")
+    conf = None
+    if ask:
+        try:
+            conf = round(float(confidence))
+        except (TypeError, ValueError):
+            raise StudyError(f"confidence must be 1 to 5 but is {confidence!r}") from None
+    return Answers(
+        scores=values,
+        artefacts=tuple(artefacts or ()),
+        judgement=judgement if ask else None,
+        confidence=conf,
+        comment=comment or "",
+    )
+
+
+def submit_answers(
+    services,
+    session: dict,
+    shown_task_id: str,
+    scores: list,
+    artefacts: list,
+    judgement,
+    confidence,
+    ranking: list,
+    comment: str,
+) -> dict[str, Any]:
+    """Store the answers to this session's current task; return the next task's view (the ack in ``message``)."""
+    from histolab.review import get_task, next_task, submit
+
+    ident = services.auth.require_rater(session)
+    store = services.store()
+    cur = session.get("review")
+    if cur is None:
+        raise StudyError("no task is open in this session; press Resume")
+    if shown_task_id and shown_task_id != cur["task_id"]:
+        # A click on a task this session has moved past (e.g. a double click): show the current one again.
+        view = _view(get_task(store, ident.study_id, ident.name, cur["task_id"]))
+        view["message"] = "that task was already answered; here is your current task"
+        return view
+    answers = _answers(cur, scores, artefacts, judgement, confidence, ranking, comment)
+    answers = type(answers)(**{**answers.__dict__, "time_ms": int((time.monotonic() - cur["shown_at"]) * 1000)})
+    try:
+        ack = submit(store, ident.study_id, ident.name, cur["task_id"], answers, submission_id=cur["submission_id"])
+    except StudyError as exc:
+        if "already used for other answers" in str(exc):
+            cur["submission_id"] = uuid.uuid4().hex  # the first answer is stored; these become a revision
+            raise StudyError("your earlier answer to this task was saved; press Submit again to replace it") from exc
+        raise
+    # Acknowledged: committed. Only now does the session move on (a failure above keeps the id for a retry).
+    task = next_task(store, ident.study_id, ident.name)
+    _remember(session, task)
+    view = _view(task)
+    what = "revised" if ack.revision > 1 else "saved"
+    view["message"] = f"answer {what} ({ack.progress.done} of {ack.progress.total} done)"
+    return view
+
+
+# ------------------------------------------------------------------ the page
+
+
+def build(services, session_state):
+    with gr.Column(visible=True) as signin_box:
+        gr.Markdown(
+            "### Rater sign-in\nEnter the study, your rater id and the code the study's owner sent you. "
+            "You can stop at any time and sign in again later: you resume where you left off."
+        )
+        with gr.Row():
+            study = gr.Textbox(label="Study", elem_id="rater-study")
+            rater = gr.Textbox(label="Rater id", elem_id="rater-id")
+            code = gr.Textbox(label="Code", type="password", elem_id="rater-code")
+        signin = gr.Button("Sign in", variant="primary", elem_id="rater-signin")
+    with gr.Column(visible=False) as task_box:
+        header = gr.HTML("", elem_id="review-progress")
+        with gr.Accordion("Instructions", open=False):
+            instructions = gr.Markdown("")
+        prompt = gr.Markdown("")
+        references = gr.HTML("", elem_id="review-references")
+        images = gr.HTML("", elem_id="review-images")
+        sliders = [
+            gr.Slider(0, 10, value=5, step=1, label=f"Aspect {i + 1}", visible=False, elem_id=f"review-aspect-{i}")
+            for i in range(MAX_ASPECTS)
+        ]
+        artefacts = gr.CheckboxGroup([], label="Artefacts you see", elem_id="review-artefacts")
+        with gr.Row():
+            judgement = gr.Radio(
+                JUDGEMENT_CHOICES, value=None, label="Real or synthetic?", visible=False, elem_id="review-judgement"
+            )
+            confidence = gr.Slider(
+                1,
+                5,
+                value=3,
+                step=1,
+                label="How sure?",
+                info=CONFIDENCE_INFO,
+                visible=False,
+                elem_id="review-confidence",
+            )
+        ranks = [
+            gr.Dropdown(choices=[], label=f"Rank {i + 1}", visible=False, allow_custom_value=True)
+            for i in range(MAX_RANKS)
+        ]
+        comment = gr.Textbox(label="Comment (optional)", lines=2, elem_id="review-comment")
+        shown = gr.Textbox(visible=False)
+        with gr.Row():
+            back = gr.Button("Previous task", elem_id="review-previous")
+            send = gr.Button("Submit", variant="primary", elem_id="review-submit")
+            signout = gr.Button("Sign out", elem_id="review-signout")
+    status = gr.Markdown("", elem_id="review-status")
+
+    outputs = [
+        signin_box,
+        task_box,
+        header,
+        instructions,
+        prompt,
+        references,
+        images,
+        *sliders,
+        artefacts,
+        judgement,
+        confidence,
+        *ranks,
+        comment,
+        shown,
+        back,
+        send,
+        status,
+    ]
+
+    def blank(headline: str, message: str, show_signin: bool) -> tuple:
+        """Nothing of a task left on the page (signed out, or all done)."""
+        return (
+            gr.update(visible=show_signin),
+            gr.update(visible=not show_signin),
+            "" if show_signin else f"<p><b>{html.escape(headline)}</b></p>",
+            "",
+            "",
+            "",
+            "",
+            *[gr.update(visible=False, value=5) for _ in range(MAX_ASPECTS)],
+            gr.update(visible=False, choices=[], value=[]),
+            gr.update(visible=False, value=None),
+            gr.update(visible=False, value=3),
+            *[gr.update(visible=False, choices=[], value=None) for _ in ranks],
+            gr.update(visible=not show_signin, value=""),
+            "",
+            gr.update(visible=not show_signin),
+            gr.update(visible=False),
+            message,
+        )
+
+    def render(view: dict[str, Any], signed_in: bool) -> tuple:
+        if not signed_in:
+            return blank("", view.get("message", ""), show_signin=True)
+        if view.get("done"):
+            return blank(view.get("headline", ""), view.get("message", ""), show_signin=False)
+        done, total = view["progress"]
+        head = (
+            f"<div><b>Task {view['position']} of {total}</b> · {done} answered"
+            f"{' · revising your answer' if view['revising'] else ''}"
+            f'<br><progress max="{total}" value="{done}" style="width:100%"></progress></div>'
+        )
+        slider_updates = []
+        for i in range(MAX_ASPECTS):
+            if i < len(view["aspects"]):
+                a = view["aspects"][i]
+                value = a["value"] if a["value"] is not None else 5
+                slider_updates.append(
+                    gr.update(visible=True, label=a["label"], info=a["info"], step=a["step"], value=value)
+                )
+            else:
+                slider_updates.append(gr.update(visible=False, value=5))
+        rank_updates = []
+        opts = view["ranking_options"]
+        for i in range(MAX_RANKS):
+            if i < len(opts):
+                val = view["ranking"][i] if i < len(view["ranking"]) else None
+                rank_updates.append(gr.update(visible=True, choices=opts, value=val, label=f"Rank {i + 1}"))
+            else:
+                rank_updates.append(gr.update(visible=False, choices=[], value=None))
+        item = view["kind"] != "ranking"
+        return (
+            gr.update(visible=False),
+            gr.update(visible=True),
+            head,
+            view["instructions"],
+            view["prompt"],
+            view["references"],
+            view["images"],
+            *slider_updates,
+            gr.update(
+                visible=item and bool(view["artefacts"]), choices=view["artefacts"], value=view["artefacts_marked"]
+            ),
+            gr.update(visible=view["ask_judgement"], value=view["judgement"]),
+            gr.update(visible=view["ask_judgement"], value=view["confidence"]),
+            *rank_updates,
+            gr.update(visible=True, value=view["comment"]),
+            view["task_id"],
+            gr.update(visible=True),
+            gr.update(visible=True),
+            view.get("message", ""),
+        )
+
+    def handled(fn):
+        """Run a handler; a refused sign-in or an expired session shows the sign-in box again."""
+
+        @ui_errors
+        def wrapper(session, *args, request: gr.Request = None):
+            session = session if isinstance(session, dict) else new_session()
+            try:
+                view = fn(session, *args, request=request)
+            except AccessDenied:
+                session["rater"], session["review"] = None, None
+                raise
+            signed = services.auth.valid(session.get("rater")) is not None
+            return render(view, signed)
+
+        return wrapper
+
+    def do_sign_in(session, s, r, c, request=None):
+        return sign_in(services, session, s, r, c, client_key(request))
+
+    def do_submit(session, shown_id, *values, request=None):
+        scores = list(values[:MAX_ASPECTS])
+        arte, judge, conf = values[MAX_ASPECTS : MAX_ASPECTS + 3]
+        ranking = list(values[MAX_ASPECTS + 3 : MAX_ASPECTS + 3 + MAX_RANKS])
+        comm = values[-1]
+        return submit_answers(services, session, shown_id, scores, arte, judge, conf, ranking, comm)
+
+    light = {"concurrency_limit": services.settings.light_concurrency}
+    signin.click(handled(do_sign_in), [session_state, study, rater, code], outputs, api_name="rater_sign_in", **light)
+    code.submit(handled(do_sign_in), [session_state, study, rater, code], outputs, api_visibility="private", **light)
+    send.click(
+        handled(do_submit),
+        [session_state, shown, *sliders, artefacts, judgement, confidence, *ranks, comment],
+        outputs,
+        api_name="rater_submit",
+        **light,
+    )
+    back.click(
+        handled(lambda session, request=None: previous(services, session)),
+        [session_state],
+        outputs,
+        api_name="rater_previous",
+        **light,
+    )
+    signout.click(
+        handled(lambda session, request=None: sign_out(session)),
+        [session_state],
+        outputs,
+        api_name="rater_sign_out",
+        **light,
+    )
+    resume_btn = gr.Button("Resume", visible=False)
+    resume_btn.click(
+        handled(lambda session, request=None: resume(services, session)),
+        [session_state],
+        outputs,
+        api_name="rater_resume",
+        **light,
+    )
+
+    def on_page_load(request: gr.Request):
+        # ?study=ID in the link the owner sends pre-fills the study (a convenience, not an identity).
+        study_id = ""
+        try:
+            study_id = str(request.query_params.get("study", ""))[:64]
+        except (AttributeError, HistolabError):
+            study_id = ""
+        return gr.update(value=study_id) if study_id else gr.update()
+
+    return OnLoad(on_page_load, [], [study])

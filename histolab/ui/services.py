@@ -1,0 +1,287 @@
+"""What the pages call: models, adapters, the review store, training jobs, background tasks.
+
+One ``Services`` object is made per app and passed to every tab, so tests
+inject tiny models and temporary folders. It holds shared *resources* (loaded
+models, caches, the database), never a user's choices: those arrive with each
+request, and the engine applies a request's adapters under the model's lock
+and removes them after (histolab.generation), so one user's adapter never
+reaches another user's images.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from histolab.config import EMBEDDED_BASE_DIR, EMBEDDED_BASE_ID, PROJECT_ROOT, Paths
+from histolab.errors import InvalidRequest, ModelNotFound
+from histolab.ui.auth import Auth
+from histolab.ui.settings import AppSettings
+from histolab.ui.tasks import TaskRunner
+
+
+class ModelCache:
+    """Base models by source, loaded on first use; at most ``max_models`` kept (least recently used go first).
+
+    One load per source even when requests race (a lock per source); a model
+    still in use by a request when it is dropped lives on until that request ends.
+    """
+
+    def __init__(self, loader: Callable[[str], Any], max_models: int = 2):
+        self._loader = loader
+        self._max = max_models
+        self._models: OrderedDict[str, Any] = OrderedDict()
+        self._locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    def get(self, source: str):
+        with self._lock:
+            if source in self._models:
+                self._models.move_to_end(source)
+                return self._models[source]
+            lock = self._locks.setdefault(source, threading.Lock())
+        with lock:
+            with self._lock:
+                if source in self._models:
+                    return self._models[source]
+            model = self._loader(source)
+            with self._lock:
+                self._models[source] = model
+                self.loads += 1
+                while len(self._models) > self._max:
+                    self._models.popitem(last=False)
+            return model
+
+    def loaded(self, source: str):
+        """The model if it is loaded, else None (never loads)."""
+        with self._lock:
+            return self._models.get(source)
+
+
+def default_loader(settings: AppSettings) -> Callable[[str], Any]:
+    def load(source: str):
+        from histolab.pipeline import load_base, optimize_for_inference, resolve_device, resolve_dtype
+
+        device = resolve_device(settings.device)
+        model = load_base(source, device=device, dtype=resolve_dtype(settings.dtype, device))
+        return optimize_for_inference(model)
+
+    return load
+
+
+@dataclass(frozen=True)
+class AdapterChoice:
+    """An adapter the pages offer: its display name, where it is, and what the registry says of it."""
+
+    label: str
+    path: str
+    kind: str
+    base: str
+    trigger: str
+    usable: bool
+    why: str
+
+
+class Services:
+    def __init__(
+        self,
+        settings: AppSettings | None = None,
+        paths: Paths | None = None,
+        *,
+        model_loader: Callable[[str], Any] | None = None,
+        extractor: Callable[[str], Any] | None = None,
+        job_python: str | None = None,
+        embedded_dir: Path = EMBEDDED_BASE_DIR,
+    ):
+        self.settings = (settings or AppSettings()).check()
+        self.paths = paths or Paths.from_env()
+        self._default_loader = model_loader is None
+        self.embedded_dir = Path(embedded_dir)  # where the embedded default must be (tests point it elsewhere)
+        self.models = ModelCache(model_loader or default_loader(self.settings), self.settings.models_cached)
+        self._extractor = extractor
+        self.job_python = job_python
+        self._store = None
+        self._store_lock = threading.Lock()
+        self.auth = Auth(self.settings, self.store)
+        self.tasks = TaskRunner(self.paths.outputs / "tasks")
+        self._scan_lock = threading.Lock()
+        self._scan_cache: tuple[tuple, list] | None = None
+        self.job_monitor = None  # histolab.ui.train.JobMonitor, started by the Train tab
+
+    # ------------------------------------------------------------ folders
+    @property
+    def sets_root(self) -> Path:
+        """Generated image sets (background batches) live here, one folder each."""
+        return self.paths.outputs / "sets"
+
+    @property
+    def datasets_root(self) -> Path:
+        """Users' own real datasets (class subfolders or CSV), for training and evaluation."""
+        env = os.environ.get("HISTOLAB_DATASETS")
+        if env:
+            return Path(env)
+        return Path(os.environ.get("HISTOLAB_DATA_DIR", PROJECT_ROOT)) / "datasets"
+
+    # ------------------------------------------------------------ review store
+    def store(self):
+        with self._store_lock:
+            if self._store is None:
+                from histolab.review import Store
+
+                self._store = Store(self.paths.annotations)
+            return self._store
+
+    # ------------------------------------------------------------ base models
+    def base_choices(self) -> list[tuple[str, str]]:
+        """(label, source) of every base the pages offer: the configured one, the embedded default,
+        and diffusers folders in checkpoints/. Nothing typed by a user is ever loaded."""
+        out = [(self._base_label(self.settings.base), self.settings.base)]
+        if self.settings.base != EMBEDDED_BASE_ID:
+            out.append((EMBEDDED_BASE_ID, EMBEDDED_BASE_ID))
+        for e in self.adapter_entries():
+            if e.kind == "base model" and all(src != e.path for _, src in out):
+                out.append((e.name, e.path))
+        return out
+
+    def _base_label(self, source: str) -> str:
+        return source if source == EMBEDDED_BASE_ID else Path(source).name or source
+
+    def resolve_base(self, label_or_source: str) -> str:
+        for label, src in self.base_choices():
+            if label_or_source in (label, src):
+                return src
+        raise InvalidRequest(f"unknown base model {label_or_source!r}; choose one of the list")
+
+    def base_problem(self, source: str | None = None) -> str:
+        """Why the base cannot load, said before anyone waits for it ('' when it looks fine)."""
+        source = source or self.settings.base
+        if not self._default_loader:
+            return ""
+        if source == EMBEDDED_BASE_ID and not (self.embedded_dir / "model_index.json").exists():
+            return (
+                f"The embedded default base model is not installed yet ({self.embedded_dir} has no model_index.json). "
+                "Generation needs it: restore it with `git checkout -- checkpoints/embedded-base`, train it with "
+                "`python -m histolab.embedded.train_base`, or set HISTOLAB_BASE to another base model."
+            )
+        return ""
+
+    def model(self, source: str):
+        return self.models.get(source)
+
+    # ------------------------------------------------------------ adapters
+    def _signature(self) -> tuple:
+        root = self.paths.checkpoints
+        if not root.is_dir():
+            return ()
+        sig = []
+        for p in sorted(root.iterdir()):
+            try:
+                st = p.stat()
+                inner = (p / "manifest.json").stat().st_mtime_ns if (p / "manifest.json").exists() else 0
+            except OSError:
+                continue
+            sig.append((p.name, st.st_mtime_ns, st.st_size, inner))
+        return tuple(sig)
+
+    def adapter_entries(self, refresh: bool = False) -> list:
+        """The registry's scan of checkpoints/ (histolab.adapters.scan), redone when the folder changes."""
+        from histolab.adapters import default_runtime, scan
+
+        sig = self._signature()
+        with self._scan_lock:
+            if not refresh and self._scan_cache is not None and self._scan_cache[0] == sig:
+                return self._scan_cache[1]
+            entries = scan(self.paths.checkpoints, runtime=default_runtime())
+            self._scan_cache = (sig, entries)
+            return entries
+
+    def adapters(self, refresh: bool = False) -> list[AdapterChoice]:
+        out = []
+        for e in self.adapter_entries(refresh):
+            if e.kind == "base model":
+                continue
+            usable = e.kind != "?"
+            out.append(AdapterChoice(e.name, e.path, e.kind, e.base, e.trigger, usable, e.why))
+        return out
+
+    def adapter_path(self, label: str) -> str:
+        """The checkpoints/ path of an adapter chosen by name: only what the registry lists can be used."""
+        for a in self.adapters():
+            if a.label == label:
+                if not a.usable:
+                    raise InvalidRequest(f"adapter {label!r} cannot be used: {a.why}")
+                return a.path
+        raise InvalidRequest(f"unknown adapter {label!r}; choose one listed from checkpoints/ (or refresh the list)")
+
+    # ------------------------------------------------------------ real data
+    @functools.cache  # noqa: B019  (one Services per app; the crops never change)
+    def _test_crops(self) -> tuple:
+        from histolab.data import bundled
+
+        return tuple(bundled.crops("test", stride=16))
+
+    def class_labels(self) -> list[str]:
+        from histolab.data import bundled
+
+        return bundled.labels()
+
+    def real_patches(self, label: str, n: int, seed: int = 0) -> list:
+        """``n`` real crops of class ``label`` from the bundled test band (never seen in training)."""
+        from histolab.data import bundled
+
+        if label not in self.class_labels():
+            raise InvalidRequest(f"unknown class {label!r}; the bundled classes are {self.class_labels()}")
+        chosen = bundled.balanced([c for c in self._test_crops() if c.label == label], per_class=n, seed=seed)
+        return [(bundled.load_crop(c), f"real {label}") for c in chosen]
+
+    def image_sets(self) -> dict[str, str]:
+        """Image sets by display name -> spec for the evaluation code (bundled splits, generated sets, datasets)."""
+        out = {f"bundled:{s} (real)": f"bundled:{s}" for s in ("test", "val", "train")}
+        for root, tag in ((self.sets_root, "generated"), (self.datasets_root, "dataset")):
+            if root.is_dir():
+                for p in sorted(root.iterdir()):
+                    if p.is_dir() and not p.name.startswith("."):
+                        out[f"{p.name} ({tag})"] = str(p)
+        return out
+
+    def materialize_real(self, split: str) -> Path:
+        """The bundled split as a folder of PNGs in class subfolders (what a study's real source needs)."""
+        from histolab.data import bundled
+        from histolab.evaluation.images import BUNDLED_PER_CLASS, BUNDLED_STRIDE
+
+        if split not in bundled.SPLITS:
+            raise InvalidRequest(f"unknown split {split!r}")
+        out = self.paths.outputs / "real" / f"bundled-{split}"
+        if not (out / "index.csv").exists():
+            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+            bundled.materialize(tmp, split=split, stride=BUNDLED_STRIDE, per_class=BUNDLED_PER_CLASS)
+            try:
+                tmp.rename(out)
+            except OSError:
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)  # another request made it meanwhile
+        return out
+
+    # ------------------------------------------------------------ evaluation
+    def extractor(self, name: str):
+        if self._extractor is not None:
+            return self._extractor(name)
+        from histolab.evaluation.extractors import get_extractor
+
+        return get_extractor(name, paths=self.paths)
+
+    # ------------------------------------------------------------ training
+    def jobs(self):
+        try:
+            from histolab.training import JobStore
+        except ImportError as exc:  # pragma: no cover - depends on the installed build
+            raise ModelNotFound(f"training is not available in this installation ({exc})") from exc
+        return JobStore(self.paths.jobs)
