@@ -11,9 +11,13 @@ from histolab.ui.services import Services
 from histolab.ui.settings import AppSettings
 
 CSS = """
+/* No page menu: the rater page is reached by the link its study's owner sends, not from a menu. */
+.nav-holder { display: none !important; }
 #review-images img, #review-references img { image-rendering: auto; }
 .histolab-small { font-size: 12px; color: #666; }
 """
+
+RATER_PATH = "/review"
 
 INTRO = (
     "# histolab\n"
@@ -57,7 +61,11 @@ def build_app(services: Services | AppSettings | None = None):
             with gr.Tab("Compare", elem_id="tab-compare"):
                 loads.append(compare.build(services, session_state))
             with gr.Tab("Review", elem_id="tab-review"):
-                loads.append(review.build(services, session_state))
+                gr.Markdown(
+                    f"Raters: the page [{RATER_PATH}?study=STUDY]({RATER_PATH}) shows nothing but your tasks "
+                    "(the study's owner sends you the link, your rater id and your code). You can also rate here."
+                )
+                loads.append(review.build(services, session_state, api=False))
             admin_loads = []
             with gr.Tab("Train", elem_id="tab-train"):
                 admin_loads.append(train.build(services, session_state))
@@ -80,12 +88,12 @@ def build_app(services: Services | AppSettings | None = None):
 
             session = session if isinstance(session, dict) else new_session()
             session["admin"] = services.auth.admin_sign_in(user, password, client_key(request))
-            return status_text(session), ""
+            return status_text(session), "", gr.update(open=False)
 
         def on_admin_out(session):
             session = session if isinstance(session, dict) else new_session()
             session["admin"] = None
-            return status_text(session), ""
+            return status_text(session), "", gr.update()
 
         light = {"concurrency_limit": settings.light_concurrency}
         ev_in = admin_in.click(
@@ -96,7 +104,11 @@ def build_app(services: Services | AppSettings | None = None):
             **light,
         )
         ev_out = admin_out.click(
-            ui_errors(on_admin_out), [session_state], [admin_status, admin_password], api_name="admin_sign_out", **light
+            ui_errors(on_admin_out),
+            [session_state],
+            [admin_status, admin_password, admin_box],
+            api_name="admin_sign_out",
+            **light,
         )
         for ev in (ev_in, ev_out):
             for hook in admin_loads:
@@ -105,7 +117,14 @@ def build_app(services: Services | AppSettings | None = None):
         app.load(status_text, [session_state], [admin_status], api_visibility="private")
         for hook in [*loads, *admin_loads]:
             app.load(ui_errors(hook.fn), hook.inputs, hook.outputs, api_visibility="private")
-        del admin_box
+
+    # The rater page: a page of its own (Gradio sends each page only its own components and events), so
+    # nothing about models, adapters or image sets is in what a rater's browser receives.
+    with app.route("Rater", RATER_PATH, show_in_navbar=False):
+        rater_state = gr.State(new_session(), time_to_live=settings.session_hours * 3600)
+        gr.Markdown("# Blinded review\nScore each image as you see it. Nothing on this page tells its origin.")
+        hook = review.build(services, rater_state, api=True)
+        app.load(ui_errors(hook.fn), hook.inputs, hook.outputs, api_visibility="private")
 
     app.services = services  # for tests and benchmarks
     app.queue(max_size=settings.queue_size, default_concurrency_limit=settings.light_concurrency)

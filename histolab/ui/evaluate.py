@@ -355,7 +355,9 @@ def build(services, session_state):
                 strength = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="Strength")
             with gr.Row():
                 ck_n = gr.Number(value=50, precision=0, label="Images per class")
-                ck_steps = gr.Slider(1, services.settings.max_steps, value=25, step=1, label="Steps")
+                ck_steps = gr.Slider(
+                    1, services.settings.max_steps, value=min(25, services.settings.max_steps), step=1, label="Steps"
+                )
                 ck_guidance = gr.Slider(0.0, 20.0, value=7.5, step=0.1, label="Guidance")
                 ck_seed = gr.Number(value=0, precision=0, label="Seed")
             ck_go = gr.Button("Generate and evaluate", variant="primary")
@@ -369,7 +371,9 @@ def build(services, session_state):
             with gr.Row():
                 scales = gr.Textbox(value="4:10:1.5", label="Guidance scales (START:STOP:STEP or a comma list)")
                 sw_n = gr.Number(value=20, precision=0, label="Images per class and scale")
-                sw_steps = gr.Slider(1, services.settings.max_steps, value=25, step=1, label="Steps")
+                sw_steps = gr.Slider(
+                    1, services.settings.max_steps, value=min(25, services.settings.max_steps), step=1, label="Steps"
+                )
                 sw_seed = gr.Number(value=0, precision=0, label="Seed")
             sw_go = gr.Button("Sweep", variant="primary")
         with gr.Accordion("Background tasks (batches, evaluations, sweeps)", open=True):

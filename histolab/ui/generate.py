@@ -342,7 +342,7 @@ def build(services, session_state):
                     headers=["name", "kind", "made for", "trigger", "usable"], interactive=False, wrap=True
                 )
             with gr.Row():
-                steps = gr.Slider(1, s.max_steps, value=25, step=1, label="Steps")
+                steps = gr.Slider(1, s.max_steps, value=min(25, s.max_steps), step=1, label="Steps")
                 guidance = gr.Slider(0.0, 20.0, value=7.5, step=0.1, label="Guidance")
             with gr.Row():
                 scheduler = gr.Dropdown(list(SCHEDULER_NAMES), value="dpmpp_2m_karras", label="Sampler")

@@ -221,7 +221,9 @@ def submit_answers(
 # ------------------------------------------------------------------ the page
 
 
-def build(services, session_state):
+def build(services, session_state, *, api: bool = True):
+    """The rater's UI. ``api``: its events get the public names (the rater page); False: private (a second
+    copy of the UI, in the main page's Review tab, calls the same handlers)."""
     with gr.Column(visible=True) as signin_box:
         gr.Markdown(
             "### Rater sign-in\nEnter the study, your rater id and the code the study's owner sent you. "
@@ -391,27 +393,31 @@ def build(services, session_state):
         return submit_answers(services, session, shown_id, scores, arte, judge, conf, ranking, comm)
 
     light = {"concurrency_limit": services.settings.light_concurrency}
-    signin.click(handled(do_sign_in), [session_state, study, rater, code], outputs, api_name="rater_sign_in", **light)
+
+    def named(name: str) -> dict:
+        return {"api_name": name} if api else {"api_visibility": "private"}
+
+    signin.click(handled(do_sign_in), [session_state, study, rater, code], outputs, **named("rater_sign_in"), **light)
     code.submit(handled(do_sign_in), [session_state, study, rater, code], outputs, api_visibility="private", **light)
     send.click(
         handled(do_submit),
         [session_state, shown, *sliders, artefacts, judgement, confidence, *ranks, comment],
         outputs,
-        api_name="rater_submit",
+        **named("rater_submit"),
         **light,
     )
     back.click(
         handled(lambda session, request=None: previous(services, session)),
         [session_state],
         outputs,
-        api_name="rater_previous",
+        **named("rater_previous"),
         **light,
     )
     signout.click(
         handled(lambda session, request=None: sign_out(session)),
         [session_state],
         outputs,
-        api_name="rater_sign_out",
+        **named("rater_sign_out"),
         **light,
     )
     resume_btn = gr.Button("Resume", visible=False)
@@ -419,7 +425,7 @@ def build(services, session_state):
         handled(lambda session, request=None: resume(services, session)),
         [session_state],
         outputs,
-        api_name="rater_resume",
+        **named("rater_resume"),
         **light,
     )
 

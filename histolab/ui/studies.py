@@ -254,7 +254,9 @@ def build(services, session_state):
             with gr.Row():
                 raters = gr.Textbox(label="Raters (ids, comma separated)", value="rater1", elem_id="study-raters")
                 image_size = gr.Number(value=256, precision=0, label="Image size (px, every image served square)")
-                limit = gr.Number(value=10, precision=0, label="Images per class and set (0: all)")
+                limit = gr.Number(
+                    value=10, precision=0, label="Images per class and set (0: all)", elem_id="study-limit"
+                )
             with gr.Row():
                 turing = gr.Checkbox(value=True, label="Ask real or synthetic (visual Turing test)")
                 show_prompt = gr.Checkbox(value=True, label="Show the class's prompt")
@@ -326,6 +328,8 @@ def build(services, session_state):
 
     @ui_errors
     def on_status(s, study_id):
+        if not study_id:
+            return [], ""
         st = status(services, session(s), study_id)
         rows = [[r["rater_id"], r["name"], r["done"], r["total"], r["last_activity"] or ""] for r in st["raters"]]
         text = (

@@ -1,0 +1,242 @@
+"""End to end in a real browser: Debian's chromium driven by Playwright (never a downloaded browser).
+
+Generate a batch and an X/Y plot; sign in as admin and build a study from a generated and a real set;
+rate it as a rater on the rater page, reload midway and resume, finish; export it. While the rater
+works, the page's DOM and every network response it receives (the queue's event stream included)
+are scanned for source and model names. Screenshots of every tab go to test-artifacts/browser/.
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from pathlib import Path
+
+import pytest
+from app_testkit import ADMIN_PASSWORD, add_lora, make_services, served
+
+pytestmark = pytest.mark.browser
+
+
+def expect(locator):
+    from playwright.sync_api import expect as pw_expect
+
+    return pw_expect(locator)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "test-artifacts" / "browser"
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+WAIT = 60_000  # ms; the tiny model answers in well under a second, the margin is for a loaded CI machine
+
+
+@pytest.fixture(scope="module")
+def env(tiny_model, tmp_path_factory):
+    from histolab.review.demo import write_generated_set
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(
+            f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium); scripts/test.sh does"
+        )
+    from playwright.sync_api import sync_playwright
+
+    root = tmp_path_factory.mktemp("browser")
+    services = make_services(root, tiny_model, max_steps=25)
+    add_lora(tiny_model, services.paths.checkpoints, "lora-brown", seed=3)
+    write_generated_set(tiny_model, services.sets_root / "model-x", 3.0, per_class=2, steps=2, seed=0)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with served(services) as (_, url), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            yield {
+                "url": url,
+                "browser": browser,
+                "services": services,
+                "forbidden": [
+                    "model-x",
+                    "bundled-test",
+                    "bundled-val",
+                    "generated",
+                    "random-tiny",
+                    "lora-brown",
+                    "embedded",
+                    str(root),
+                    "recipe",
+                ],
+            }
+        finally:
+            browser.close()
+
+
+def gradio_static_file(url: str, body: bytes) -> bool:
+    """True when ``url`` is one of Gradio's own front-end files and ``body`` is exactly that file."""
+    from urllib.parse import urlparse
+
+    import gradio
+
+    path = urlparse(url).path
+    if not path.startswith(("/assets/", "/static/")) or ".." in path:
+        return False
+    local = Path(gradio.__file__).parent / "templates" / "frontend" / path.lstrip("/")
+    return local.is_file() and local.read_bytes() == body
+
+
+def field(page, elem_id: str):
+    return page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+
+
+def tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def test_generate_a_batch_and_an_xy_plot(env):
+    page = env["browser"].new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(env["url"])
+    page.locator("#generate-button").wait_for(timeout=WAIT)
+    page.locator("#generate-button").click()
+    page.locator("#generated-gallery img").nth(2).wait_for(timeout=WAIT)  # 3 images (the batch slider's max here)
+    assert page.locator("#generated-gallery img").count() == 3
+    shot(page, "tab-generate")
+    tab(page, "Compare")
+    page.get_by_role("tab", name="X/Y plot").click()
+    page.get_by_role("button", name="Plot").click()
+    page.locator("#compare-grid img").wait_for(timeout=WAIT)
+    shot(page, "tab-compare")
+    page.close()
+
+
+def test_build_a_study_rate_it_blind_resume_and_export(env):
+    url, browser = env["url"], env["browser"]
+    admin = browser.new_page(viewport={"width": 1400, "height": 1000})
+    admin.goto(url)
+    admin.get_by_text("Admin sign-in").click()
+    field(admin, "admin-user").fill("admin")
+    field(admin, "admin-password").fill(ADMIN_PASSWORD)
+    admin.locator("#admin-signin").click()
+    admin.get_by_text("Signed in as admin").wait_for(timeout=WAIT)
+    tab(admin, "Studies")
+    field(admin, "study-id").fill("browser-study")
+    rated = admin.locator("#study-rated input").first
+    for name in ("model-x (generated)", "bundled-test (real)"):
+        rated.click()
+        admin.get_by_role("option", name=name).click()
+    field(admin, "study-raters").fill("rita")
+    field(admin, "study-limit").fill("2")  # images per class and set: 6 + 6 tasks
+    admin.locator("#study-create").click()
+    admin.wait_for_function("() => /rita/.test(document.querySelector('#study-codes').innerText)", timeout=WAIT)
+    found = re.search(r"rita\s+([A-Za-z0-9_-]{16})\b", admin.locator("#study-codes").inner_text())
+    assert found, admin.locator("#study-codes").inner_text()
+    code = found.group(1)
+    shot(admin, "tab-studies")
+    for name in ("Train", "Evaluate"):
+        tab(admin, name)
+        admin.wait_for_timeout(500)
+        shot(admin, f"tab-{name.lower()}")
+
+    # The rater, in a browser context of their own, on the rater page the owner links to.
+    context = browser.new_context(viewport={"width": 1200, "height": 1000})
+    rater = context.new_page()
+    bodies, doms = [], []
+
+    def capture(route):
+        """Every response the rater's page gets passes through here, whole (the queue's event stream too:
+        Gradio closes it once the session's events are done), and is kept for the scan below, except
+        Gradio's own front-end files, checked byte for byte against the installed package. The heartbeat
+        stream (pings that keep the session alive, open as long as the page) passes through unbuffered."""
+        if "/gradio_api/heartbeat/" in route.request.url:
+            route.continue_()
+            return
+        response = route.fetch(timeout=WAIT)
+        body = response.body()
+        if not gradio_static_file(route.request.url, body):
+            bodies.append((route.request.url, body.decode("utf-8", "replace")))
+        route.fulfill(response=response, body=body)
+
+    context.route("**/*", capture)
+
+    def sign_in():
+        rater.goto(f"{url}review?study=browser-study")
+        rater.locator("#rater-signin").wait_for(timeout=WAIT)
+        expect(field(rater, "rater-study")).to_have_value("browser-study", timeout=WAIT)  # from the link
+        field(rater, "rater-id").fill("rita")
+        field(rater, "rater-code").fill(code)
+        rater.locator("#rater-signin").click()
+        rater.locator("#review-images img").wait_for(timeout=WAIT)
+
+    def rate_one(i: int) -> None:
+        header = rater.locator("#review-progress").inner_text()
+        field(rater, "review-aspect-0").fill(str(i % 11))
+        rater.locator("#review-artefacts").get_by_text("Patchy stromal background").click()
+        rater.locator("#review-judgement").get_by_text("Synthetic" if i % 2 else "Real", exact=True).click()
+        field(rater, "review-comment").fill(f"note {i}")
+        doms.append(rater.content())
+        rater.locator("#review-submit").click()
+        rater.wait_for_function(
+            "h => !document.querySelector('#review-progress') || document.querySelector('#review-progress').innerText !== h",
+            arg=header,
+            timeout=WAIT,
+        )
+
+    sign_in()
+    assert "Task 1 of 12" in rater.locator("#review-progress").inner_text()
+    shot(rater, "tab-review")
+    for i in range(3):
+        rate_one(i)
+    rater.reload()  # midway: a new session; the rater signs in again and resumes where they stopped
+    sign_in()
+    assert "Task 4 of 12" in rater.locator("#review-progress").inner_text()
+    for i in range(3, 12):
+        rate_one(i)
+    rater.get_by_text("All your tasks are done").wait_for(timeout=WAIT)
+    doms.append(rater.content())
+    shot(rater, "review-done")
+
+    # Nothing the rater's browser holds or received names a source or a model.
+    streamed = "".join(text for u, text in bodies if "queue/data" in u)
+    # Every answer's acknowledgement and the task views (with their inline images) came through the stream.
+    missing = [k for k in range(1, 13) if f"answer saved ({k} of 12 done)" not in streamed]
+    assert not missing, f"acknowledgements {missing} not seen in the captured event stream"
+    assert "Task 12 of 12" in streamed and "data:image/png;base64," in streamed
+    for text in [*doms, *(t for _, t in bodies)]:
+        for word in env["forbidden"]:
+            assert word not in text, word
+    context.close()
+
+    rows = (
+        env["services"]
+        .store()
+        .db.execute(
+            "SELECT COUNT(*), COUNT(DISTINCT unit_id) FROM submissions WHERE study_id = 'browser-study' AND rater_id = 'rita'"
+        )
+        .fetchone()
+    )
+    assert rows == (12, 12)
+
+    # The owner exports it.
+    tab(admin, "Studies")
+    expect(field(admin, "study-chosen")).to_have_value("browser-study")
+    admin.locator("#study-export").click()
+    link = admin.locator("#study-export-file a").first
+    link.wait_for(timeout=WAIT)
+    with admin.expect_download() as dl:
+        link.click()
+    path = dl.value.path()
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    assert "browser-study_blinded_report.html" in names and "browser-study_blinded.json" in names
+    shot(admin, "studies-exported")
+    admin.close()
