@@ -129,6 +129,8 @@ def _user(path: Path, max_per_class: int | None, seed: int) -> TrainingData:
     notes = []
     if not ds.has_splits:
         ds = ds.with_splits(NO_SPLIT_FRACTIONS, seed=seed)
+        # The loader's advice to split is taken here: say what was done instead.
+        ds.report.notes = [n for n in ds.report.notes if not n.startswith("no split given")]
         notes.append(f"no split in {path}: a seeded stratified 90/10 train/val split (seed {seed})")
     report = ds.report
     train_idx = {c: [] for c in ds.classes}

@@ -225,6 +225,20 @@ class Run:
 
     # ------------------------------------------------------------------- run
     def run(self) -> TrainResult:
+        self.setup()
+        try:
+            return self._loop()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if getattr(self, "trainer", None) is not None:
+            self.trainer.close()
+        if getattr(self, "sampler", None) is not None:
+            self.sampler.close()
+
+    def setup(self) -> None:
+        """Everything before the first step: accelerator, base, data, caches, trainables, optimiser, schedule."""
         import torch
 
         from histolab.pipeline import load_base
@@ -328,11 +342,6 @@ class Run:
             f"{s.steps_per_epoch} steps per epoch, {s.total_steps} steps ({s.epochs} epochs), warm-up {s.warmup_steps}; "
             f"{n_train:,} trainable parameters in groups {', '.join(f'{n} (lr {lr:g})' for n, lr in zip(self.group_names, self.base_lrs, strict=True))}"
         )
-        try:
-            return self._loop()
-        finally:
-            trainer.close()
-            sampler.close()
 
     def _loop(self) -> TrainResult:
         import torch
@@ -343,6 +352,7 @@ class Run:
         meter.start()
         order, order_epoch = None, -1
         world, rank = acc.num_processes, acc.process_index
+        self.epoch = min(sched.epochs, (self.step - 1) // sched.steps_per_epoch + 1) if self.step else 1
         while self.step < sched.total_steps:
             self.epoch = self.step // sched.steps_per_epoch + 1
             if _is_cancelled(self.cancel):
