@@ -199,10 +199,13 @@ def shape_state(path: Path) -> dict[str, Any]:
             out[k] = torch.empty(info.get("shape", []), dtype=dtype, device="meta")
         return unwrap_checkpoint(out)
     if kind == "torch-zip":
+        from histolab.errors import UnsafeFile
+        from histolab.files import load_torch_file
+
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:  # weights_only refuses anything but tensors and plain containers
-            raise AdapterError(f"{path.name}: refused to load ({str(exc).splitlines()[0]})") from exc
+            obj = load_torch_file(path, mmap=True)
+        except UnsafeFile as exc:
+            raise AdapterError(str(exc)) from exc
         obj = unwrap_checkpoint(obj) if isinstance(obj, dict) else obj
         if not isinstance(obj, dict):
             raise AdapterError(f"{path.name}: not a state dict")
