@@ -84,6 +84,8 @@ class TrainConfig:
     sample_scheduler: str = "ddim"  # deterministic given the seed
     validation: str = "fid"  # per-epoch FID on the validation split (histolab.evaluation), or "none"
     val_images_per_class: int = 32  # generated per class for validation FID
+    val_reference_images: int = 1000  # at most this many validation images (a seeded stratified subset) as the
+    # FID reference: its features are computed once, and beyond ~1000 the reference's own noise is small
     validate_every: int = 1  # epochs between validations
     select_best: bool = True  # at the end, the run's folder holds the epoch with the best validation FID
     save_state_every: int = 0  # also save the resume state every N steps inside an epoch (0: at epoch ends only)
@@ -103,7 +105,7 @@ class TrainConfig:
         """Raise InvalidRequest naming the first invalid field; return self."""
         _check_types(self)
         _positive_int(self, "epochs", "repeats", "batch_size", "grad_accum", "min_images_per_class", "validate_every")
-        _positive_int(self, "sample_steps")
+        _positive_int(self, "sample_steps", "val_reference_images")
         if self.max_steps is not None:
             _positive_int(self, "max_steps")
         if self.max_images_per_class is not None:

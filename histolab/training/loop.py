@@ -184,6 +184,8 @@ class Run:
             self._check_same_config(cfg)
         self.cfg = cfg
         self.base = base if base is not None else extra.get("base", "embedded")
+        if self.state is not None and not isinstance(self.base, str | Path):
+            raise InvalidRequest("resuming needs the base model as a path or name, not a loaded object")
         self.data_source = data if data is not None else extra.get("data", "bundled")
         self.preset = preset or extra.get("preset", "")
         if self.state is not None:
@@ -203,6 +205,10 @@ class Run:
                 f"the settings differ from those the run in {self.out} was started with ({shown}); resume with the "
                 "same settings (give only --out and --resume to use the saved ones)"
             )
+
+    @property
+    def base_label(self) -> str:
+        return str(self.base) if isinstance(self.base, str | Path) else str(getattr(self.base, "source", "a model"))
 
     # ---------------------------------------------------------------- logging
     def log(self, msg: str) -> None:
@@ -262,13 +268,34 @@ class Run:
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
         self.log(
             f"{'resuming' if self.state else 'starting'} {cfg.method} training -> {self.out} "
-            f"(preset {self.preset or 'none'}, base {self.base}, data {self.data_source}, device {acc.device}, "
+            f"(preset {self.preset or 'none'}, base {self.base_label}, data {self.data_source}, device {acc.device}, "
             f"{acc.num_processes} process(es), precision {acc.mixed_precision})"
         )
 
         # 1. Base model and data.
         self.report("loading", "base model and data")
-        model = load_base(self.base, device=str(acc.device), dtype=torch.float32)
+        if isinstance(self.base, str | Path):
+            model = load_base(str(self.base), device=str(acc.device), dtype=torch.float32)
+        else:  # a loaded BaseModel (benchmarks): it is trained in place, so nothing can sample from a frozen copy
+            model = self.base
+            model.unet.to(acc.device)
+            model.vae.to(acc.device)
+            model.text_encoder.to(acc.device)
+            model.device = acc.device
+            needs = [
+                n
+                for n, v in (
+                    ("samples_per_class", cfg.samples_per_class),
+                    ("validation", cfg.validation != "none"),
+                    ("prior_preservation", getattr(cfg, "prior_preservation", False)),
+                )
+                if v
+            ]
+            if needs:
+                raise InvalidRequest(
+                    f"training a loaded model object cannot sample from a frozen copy: set {needs[0]} off "
+                    "(or give the base as a path)"
+                )
         if self.state and self.state.base_hash != model.hash:
             raise InvalidRequest(
                 f"the base model {self.base!r} is not the one this run was trained on "
@@ -440,7 +467,7 @@ class Run:
                 "epoch": self.epoch,
                 "total_steps": self.sched.total_steps,
                 "steps_per_epoch": self.sched.steps_per_epoch,
-                "base_source": str(self.base),
+                "base_source": self.base_label,
                 "data": {
                     "source": str(self.data_source),
                     "train": data.counts(),
@@ -494,7 +521,7 @@ class Run:
             history=self.history,
             extra={
                 "epoch_loss": self.epoch_loss,
-                "base": str(self.base),
+                "base": self.base_label,
                 "data": str(self.data_source),
                 "preset": self.preset,
                 "method": self.cfg.method,
@@ -535,7 +562,8 @@ class Run:
             self._save_state()
             self._promote(folder, status=f"epoch {epoch} of {self.sched.epochs}")
             removed = ckpt.prune(self.out, cfg.keep_epochs, {best} if best else set())
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+            keys = ("train_loss", "/fid", "/kid_x1000_mean", "/precision", "/recall")
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k.endswith(keys))
             self.log(
                 f"epoch {epoch}/{self.sched.epochs} saved to {folder} ({shown})"
                 + (f"; removed epochs {removed}" if removed else "")

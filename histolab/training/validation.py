@@ -56,10 +56,25 @@ def make_validator(cfg, data, workdir: Path, device: str, log) -> Validator | No
     except ImportError as exc:
         log(f"validation: histolab.evaluation is not available ({exc}); epochs are saved but not ranked")
         return None
-    log(f"validation: FID against {len(data.val_images)} validation images (features computed once)")
-    return FidValidator(
-        data.val_images, data.val_labels, cache_path=workdir / "val_reference.safetensors", device=device
-    )
+    images, labels = subset(data.val_images, data.val_labels, cfg.val_reference_images, cfg.seed)
+    log(f"validation: FID against {len(images)} validation images (features computed once)")
+    return FidValidator(images, labels, cache_path=workdir / "val_reference.safetensors", device=device)
+
+
+def subset(images: list, labels: list[str], limit: int, seed: int) -> tuple[list, list[str]]:
+    """At most ``limit`` items, each class keeping its share (seeded), in their original order."""
+    import numpy as np
+
+    if len(images) <= limit:
+        return list(images), list(labels)
+    rng = np.random.default_rng(seed)
+    keep: list[int] = []
+    for lab in sorted(set(labels)):
+        idx = [i for i, x in enumerate(labels) if x == lab]
+        n = max(1, round(limit * len(idx) / len(images)))
+        keep += [idx[j] for j in rng.choice(len(idx), size=min(n, len(idx)), replace=False)]
+    keep.sort()
+    return [images[i] for i in keep], [labels[i] for i in keep]
 
 
 def better(a: float, b: float | None, lower_is_better: bool) -> bool:
