@@ -13,6 +13,7 @@ process and returns; ``python -m histolab jobs`` follows it.
 from __future__ import annotations
 
 import argparse
+import os
 
 NAME = "train"
 HELP = "train an adapter (LoRA, DreamBooth, textual inversion, hypernetwork, foundation-embedding projector)"
@@ -71,6 +72,30 @@ def _overrides(args) -> dict[str, str]:
     return out
 
 
+def _distributed(spec) -> int:
+    """Under `accelerate launch`: every process trains its share; no job record (the launcher is the job)."""
+    from histolab.training.loop import train
+
+    spec.check()
+    main = int(os.environ.get("RANK", "0")) == 0
+    result = train(
+        spec.config(),
+        base=spec.base,
+        data=spec.data,
+        out=spec.out,
+        resume=spec.resume,
+        preset=spec.preset,
+        device=spec.device,
+        log=(lambda m: print(m, flush=True)) if main else None,
+        progress=(lambda p: print(p.line(), flush=True) if p.phase != "training" or p.step % 10 == 0 else None)
+        if main
+        else None,
+    )
+    if main:
+        print(result.message)
+    return 0 if result.status == "done" else 130
+
+
 def run(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -101,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         device=args.device,
     )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _distributed(spec)
     store = JobStore()
     if args.background:
         job = store.start(spec)

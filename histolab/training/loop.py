@@ -256,13 +256,14 @@ class Run:
         cfg = self.cfg
         self.is_main = True
         self.step, self.epoch = self.state.step if self.state else 0, 0
-        self.out.mkdir(parents=True, exist_ok=True)
-        ckpt.clean_temporaries(self.out)
-        work = self.out / ckpt.WORK_DIR
-        work.mkdir(parents=True, exist_ok=True)
         acc = make_accelerator(cfg, self.device_req, self.log)
         self.acc = acc
         self.is_main = acc.is_main_process
+        work = self.out / ckpt.WORK_DIR
+        if self.is_main:
+            work.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_temporaries(self.out)
+        acc.wait_for_everyone()
         if self._resume_note:
             self.log(self._resume_note)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
@@ -382,7 +383,7 @@ class Run:
         self.epoch = min(sched.epochs, (self.step - 1) // sched.steps_per_epoch + 1) if self.step else 1
         while self.step < sched.total_steps:
             self.epoch = self.step // sched.steps_per_epoch + 1
-            if _is_cancelled(self.cancel):
+            if self._cancel_requested():
                 return self._cancelled()
             k = self.step % sched.steps_per_epoch
             if order_epoch != self.epoch:
@@ -446,6 +447,16 @@ class Run:
                 self._save_state()
                 meter.start()
         return self._finish()
+
+    def _cancel_requested(self) -> bool:
+        """Every process must stop at the same step: with several, any one's request counts for all."""
+        want = _is_cancelled(self.cancel)
+        if self.acc.num_processes == 1:
+            return want
+        import torch
+
+        flag = torch.tensor([1.0 if want else 0.0], device=self.acc.device)
+        return bool(self.acc.gather(flag).max() > 0)
 
     # -------------------------------------------------------------- checkpoints
     def _manifest(self, status: str, metrics: dict[str, Any] | None = None):
