@@ -106,3 +106,22 @@ def test_a_diverging_loss_stops_the_run(tiny_base_dir, tmp_path, monkeypatch):  
     monkeypatch.setattr(LoraNet, "forward", lambda self, batch: torch.tensor(math.nan, requires_grad=True))
     with pytest.raises(TrainingError, match=r"the loss is nan at step 1: training diverged; lower the learning rate"):
         train(quick_config("lora", samples_per_class=0), base=str(tiny_base_dir), out=tmp_path / "o", log=None)
+
+
+@pytest.mark.parametrize("header_length", [640, 896, 1152, 1408])
+def test_safetensors_whose_header_length_looks_like_a_pickle_opcode_loads(tmp_path, header_length):
+    """Found by a hypernetwork checkpoint with an 896-byte header (bytes 0x80 0x03 ...): it was refused as a pickle."""
+    import json
+    import struct
+
+    from histolab.files import load_state_dict, sniff
+
+    body = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    text = json.dumps(body)
+    text += " " * (header_length - len(text))  # safetensors pads its header with spaces
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", header_length) + text.encode() + struct.pack("<2f", 1.0, 2.0))
+    assert path.read_bytes()[0] == 0x80 and path.read_bytes()[1] in range(2, 6)
+    assert sniff(path) == "safetensors"
+    tensors, _ = load_state_dict(path)
+    assert tensors["w"].tolist() == [1.0, 2.0]

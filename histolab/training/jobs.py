@@ -68,6 +68,15 @@ class JobSpec:
         if not self.method and not self.preset:
             if self.resume and not self.overrides:
                 return None
+            if self.resume:
+                # Settings given on resume are checked against the saved ones (the loop names any difference).
+                from histolab.training.config import config_from_dict
+                from histolab.training.state import load_state
+
+                st = load_state(Path(self.out) / "training")
+                if st is None:
+                    raise InvalidRequest(f"nothing to resume in {self.out}: give --method or --preset to start a run")
+                return with_overrides(config_from_dict(st.config), self.overrides).check()
             raise InvalidRequest("give a --method or a --preset (or --resume with an --out that holds a run)")
         if self.preset:
             p = get_preset(self.preset)
@@ -232,14 +241,20 @@ class JobStore:
             spec.base = str(Path(spec.base).resolve())
         spec.check()
         cfg = spec.config()
-        if cfg is not None:
+        if cfg is not None and (spec.method or spec.preset):
             spec.method = cfg.method  # the canonical name, also when a preset implied it
         self.root.mkdir(parents=True, exist_ok=True)
         job_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
         folder = self.root / job_id
         folder.mkdir()
         _write_json(folder / JOB_FILE, asdict(spec))
-        _write_status(folder, {"state": "queued", "created": time.time(), "method": spec.method})
+        if cfg is not None:
+            method = cfg.method
+        else:  # resuming with the saved settings
+            from histolab.training.state import load_state
+
+            method = load_state(Path(spec.out) / "training").config.get("method", "")
+        _write_status(folder, {"state": "queued", "created": time.time(), "method": method})
         return Job(folder)
 
     def start(self, spec: JobSpec, *, python: str | None = None) -> Job:
@@ -300,18 +315,19 @@ def run_job(folder: Path, *, echo=None, cancel_event: threading.Event | None = N
     event = cancel_event or threading.Event()
     (folder / CANCEL_FILE).unlink(missing_ok=True)
     created = job._raw_status().get("created", time.time())
-    base = {"pid": os.getpid(), "created": created, "method": spec.method}
+    base = {"pid": os.getpid(), "created": created, "method": job._raw_status().get("method") or spec.method}
     writer = _StatusWriter(folder, base)
     log_path = folder / LOG_FILE
 
-    def log(msg: str) -> None:
+    def log(msg: str, to_terminal: bool = True) -> None:
         line = f"{time.strftime('%H:%M:%S')} {msg}"
         if echo is None:
             print(line, flush=True)  # the worker's stdout is the job log
         else:
             with open(log_path, "a", encoding="utf-8") as fh:
                 fh.write(line + "\n")
-            echo(msg)
+            if to_terminal:
+                echo(msg)
 
     def progress(p: Progress) -> None:
         writer.update(p)
@@ -340,7 +356,7 @@ def run_job(folder: Path, *, echo=None, cancel_event: threading.Event | None = N
         )
     except HistolabError as exc:
         writer.write({"state": "failed", "message": str(exc)})
-        log(f"failed: {exc}")
+        log(f"failed: {exc}", to_terminal=False)  # the caller reports it (the CLI as its one-line error)
         raise
     except BaseException as exc:
         writer.write({"state": "failed", "message": f"{type(exc).__name__}: {exc} (see {log_path})"})

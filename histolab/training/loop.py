@@ -196,7 +196,7 @@ class Run:
                     )
 
     def _check_same_config(self, cfg: TrainConfig) -> None:
-        saved = self.state.config
+        saved = config_from_dict(self.state.config).to_dict()  # fields added since the run started: defaults
         now = cfg.to_dict()
         diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
         if diff:

@@ -68,11 +68,21 @@ def subset(images: list, labels: list[str], limit: int, seed: int) -> tuple[list
     if len(images) <= limit:
         return list(images), list(labels)
     rng = np.random.default_rng(seed)
+    groups = {lab: [i for i, x in enumerate(labels) if x == lab] for lab in sorted(set(labels))}
+    # Shares by largest remainder, at least one per class: exactly ``limit`` in all.
+    exact = {lab: limit * len(idx) / len(images) for lab, idx in groups.items()}
+    take = {lab: max(1, int(v)) for lab, v in exact.items()}
+    by_remainder = sorted(groups, key=lambda lab: exact[lab] - int(exact[lab]), reverse=True)
+    while sum(take.values()) < limit:
+        lab = next(x for x in by_remainder if take[x] < len(groups[x]))
+        take[lab] += 1
+        by_remainder.remove(lab)
+        by_remainder.append(lab)
+    while sum(take.values()) > limit:
+        take[max(take, key=take.get)] -= 1
     keep: list[int] = []
-    for lab in sorted(set(labels)):
-        idx = [i for i, x in enumerate(labels) if x == lab]
-        n = max(1, round(limit * len(idx) / len(images)))
-        keep += [idx[j] for j in rng.choice(len(idx), size=min(n, len(idx)), replace=False)]
+    for lab, idx in groups.items():
+        keep += [idx[j] for j in rng.choice(len(idx), size=take[lab], replace=False)]
     keep.sort()
     return [images[i] for i in keep], [labels[i] for i in keep]
 
