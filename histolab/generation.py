@@ -2,15 +2,18 @@
 
 Image i of a request uses seed ``seed + i``: its initial noise and every noise
 draw of an ancestral sampler come from its own ``torch.Generator``, so an image
-is the same whatever the batch size it is generated in. Classifier-free
-guidance runs both branches in one U-Net batch; guidance 1.0 runs the
-conditional branch alone.
+is the same whatever the batch size it is generated in: on CPU to the last bit
+(see FIXED_ROWS) for a given number of threads (CPU kernels split their sums
+by thread); on GPUs to within the kernels' rounding. Classifier-free guidance
+runs both branches in one U-Net batch; guidance 1.0 runs the conditional
+branch alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -27,6 +30,18 @@ ProgressCallback = Callable[[int, int], None]  # (step done, total steps)
 MAX_BATCH = 64  # per call; larger runs go through generate_to_dir
 MAX_STEPS = 1000
 MAX_SIDE = 2048
+
+# Batch-size independence down to the last bit, on CPU. Its kernels are chosen
+# by shape: a GEMM over 2 rows rounds differently from one over 8, and a
+# convolution over one image differently from one over several. So (a) the
+# U-Net's 2-D linear layers (the timestep embedding and each ResNet's projection
+# of it), whose rows are all alike in a denoising step (one timestep for the
+# whole batch), compute one row and broadcast it, which is also less work; rows
+# that differ are zero-padded to FIXED_ROWS instead; and (b) the U-Net never runs
+# on a batch of one: a lone unguided image is run twice. The decoder always runs
+# on one image and the text encoder on one prompt, so they need neither.
+FIXED_ROWS = 2 * MAX_BATCH  # guidance doubles the batch
+_TIME_LINEAR = re.compile(r"(^|\.)(time_embedding|add_embedding|class_embedding)\.|time_emb_proj")
 
 
 @dataclass(frozen=True)
@@ -105,9 +120,12 @@ def _is_cancelled(cancel) -> bool:
 
 
 def text_conditioning(model, request: GenerationRequest, n: int):
-    cond = model.encode_prompt([request.prompt] * n)
-    uncond = model.encode_prompt([request.negative_prompt] * n)
-    return cond, uncond
+    """(cond, uncond) for ``n`` images: each prompt encoded once (batch of one) and
+    repeated, so the embeddings are the same bits whatever ``n`` is, and a batch
+    of 8 costs one text-encoder pass, not eight."""
+    cond = model.encode_prompt([request.prompt])
+    uncond = model.encode_prompt([request.negative_prompt])
+    return cond.expand(n, -1, -1), uncond.expand(n, -1, -1)
 
 
 def generate(
@@ -168,29 +186,43 @@ def _generate_locked(model, request, used: list[AdapterUse], progress, cancel, s
     shape = (model.unet.config.in_channels, req.height // model.vae_scale_factor, req.width // model.vae_scale_factor)
     latents = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
     latents = (latents * scheduler.init_noise_sigma).to(device=device, dtype=dtype)
-    embeds = torch.cat([uncond, cond]) if do_cfg else cond
+    embeds = torch.cat([uncond, cond]) if do_cfg else cond.contiguous()
+
+    # On CPU, images are the same bits whatever the batch (see FIXED_ROWS): a lone
+    # unguided image runs as a batch of two, the timestep embedding row by row.
+    # GPU kernels vary with the batch in more places than these two, so there it
+    # is left to the kernels (and a compiled U-Net keeps its hook-free graph).
+    exact = torch.device(device).type == "cpu" and not getattr(model, "optimizations", {}).get("compile")
+    twice = do_cfg or (exact and n == 1)
+    if twice and not do_cfg:
+        embeds = torch.cat([embeds, embeds])
+    fixed_rows = batch_invariant_time_embedding(model.unet) if exact else contextlib.nullcontext()
 
     # 5. Denoising loop.
-    with torch.inference_mode():
+    with torch.inference_mode(), fixed_rows:
         for i, t in enumerate(timesteps):
             if _is_cancelled(cancel):
                 raise Cancelled(f"generation cancelled after {i} of {len(timesteps)} steps")
-            x_in = torch.cat([latents, latents]) if do_cfg else latents
+            x_in = torch.cat([latents, latents]) if twice else latents
             x_in = scheduler.scale_model_input(x_in, t)
             eps = model.unet(x_in, t, encoder_hidden_states=embeds).sample
             if do_cfg:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + req.guidance_scale * (eps_cond - eps_uncond)
+            elif twice:
+                eps = eps[:n]
             latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
             if progress is not None:
                 progress(i + 1, len(timesteps))
 
         # 6. Decode, one image at a time: VAE decoding is the memory peak, and
-        # per-image decoding keeps pixels independent of the batch size.
-        images = []
-        for j in range(n):
-            x = model.vae.decode(latents[j : j + 1] / model.vae.config.scaling_factor).sample
-            images.append(_to_pil(x[0]))
+        # per-image decoding keeps pixels independent of the batch size. The
+        # pixels stay on the device until all are decoded: one copy to the host,
+        # not a synchronising copy between decodes.
+        pixels = [
+            _to_uint8(model.vae.decode(latents[j : j + 1] / model.vae.config.scaling_factor).sample) for j in range(n)
+        ]
+        images = [Image.fromarray(a) for a in torch.cat(pixels).cpu().numpy()]
 
     # 7. Recipes.
     out = []
@@ -215,9 +247,49 @@ def _generate_locked(model, request, used: list[AdapterUse], progress, cancel, s
     return out
 
 
-def _to_pil(x) -> Image.Image:
-    arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr)
+@contextlib.contextmanager
+def batch_invariant_time_embedding(unet):
+    """Within the block, the U-Net's 2-D linear layers give the same bits whatever the batch (see FIXED_ROWS).
+
+    Forward hooks (PyTorch's extension point) on the timestep-embedding linears,
+    including adapter layers wrapped around them; removed on exit, so training
+    and other users of the module are untouched. The model lock is held meanwhile.
+    """
+    import torch
+
+    handles, batch_rows = [], {}
+
+    def before(mod, args):
+        x = args[0]
+        if x.dim() != 2 or x.shape[0] == 1:
+            return None
+        if torch.equal(x, x[:1].expand_as(x)):  # a few hundred numbers: cheap, and CPU only
+            batch_rows[id(mod)] = ("broadcast", x.shape[0])
+            return (x[:1], *args[1:])
+        if x.shape[0] >= FIXED_ROWS:
+            return None
+        batch_rows[id(mod)] = ("padded", x.shape[0])
+        return (torch.cat([x, x.new_zeros(FIXED_ROWS - x.shape[0], x.shape[1])]), *args[1:])
+
+    def after(mod, args, out):
+        how, rows = batch_rows.pop(id(mod), (None, 0))
+        if how == "broadcast":
+            return out.expand(rows, *out.shape[1:])
+        return out[:rows] if how == "padded" else None
+
+    try:
+        for name, mod in unet.named_modules():
+            if isinstance(mod, torch.nn.Linear) and _TIME_LINEAR.search(name):
+                handles += [mod.register_forward_pre_hook(before), mod.register_forward_hook(after)]
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _to_uint8(x):
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, on x's device."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1)
 
 
 def request_from_recipe(recipe: Recipe, reference=None) -> GenerationRequest:

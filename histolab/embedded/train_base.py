@@ -428,6 +428,28 @@ def _progress_grid(work, unet, text_encoder, tokenizer, vae, ema, scaling, step)
 # ----------------------------------------------------------------- export
 
 
+def model_from_state(work: Path, state_path: Path):
+    """A BaseModel with the EMA weights of a U-Net training checkpoint (for validation)."""
+    from transformers import CLIPTokenizer
+
+    from histolab.embedded.architecture import SD15_SCHEDULER
+    from histolab.files import sha256_file
+    from histolab.pipeline import _assemble
+
+    st = load_state(state_path)
+    data = load_state(work / "latents.pt")
+    vae = load_vae(work)
+    vae.register_to_config(scaling_factor=round(data["scaling_factor"], 5))
+    _, unet, te = build_components(EMBEDDED, 0)
+    ema = EMA([unet, te], 0.0)
+    ema.load_state_dict(st["ema"])
+    ema.copy_to([unet, te])
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir(work))
+    return _assemble(
+        str(state_path), sha256_file(state_path), vae, unet, te, tokenizer, dict(SD15_SCHEDULER), "cpu", torch.float32
+    )
+
+
 def export(work: Path, out: Path) -> None:
     """Write the EMA weights as a diffusers folder in fp16 safetensors."""
     from diffusers import PNDMScheduler
