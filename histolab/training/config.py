@@ -75,6 +75,7 @@ class TrainConfig:
     prompt_template: str = "{label}_tissue"  # class-label prompts as in the 2025 comparison ("adenocarcinoma_tissue")
     caption_dropout: float = 0.0  # share of samples trained with the empty prompt (none in the papers' recipes)
     latent_sampling: str = "sample"  # "sample" from the VAE posterior each step (as diffusers does) or its "mode"
+    label_names: str = ""  # names for a JSON index's integer labels: "chaoyang" or "name0,name1,..." in label order
     min_images_per_class: int = 5  # fewer usable images than this in a class stops the run before it starts
     max_images_per_class: int | None = None  # a seeded subset per class; None = every image
     # --- checkpoints, samples and validation

@@ -68,8 +68,17 @@ def load_training_data(
     min_per_class: int = 1,
     max_per_class: int | None = None,
     seed: int = 0,
+    label_names: str = "",
 ) -> TrainingData:
-    data = _bundled(max_per_class, seed) if str(source) == BUNDLED else _user(Path(source), max_per_class, seed)
+    if str(source) == BUNDLED and label_names:
+        raise DataError(
+            f"label_names {label_names!r} names a JSON dataset's integer labels; the bundled data has names"
+        )
+    data = (
+        _bundled(max_per_class, seed)
+        if str(source) == BUNDLED
+        else _user(Path(source), max_per_class, seed, label_names)
+    )
     few = {c: n for c, n in data.counts().items() if n < min_per_class}
     if few:
         c, n = next(iter(few.items()))
@@ -122,16 +131,50 @@ def _bundled(max_per_class: int | None, seed: int) -> TrainingData:
     )
 
 
-def _user(path: Path, max_per_class: int | None, seed: int) -> TrainingData:
-    from histolab.data.loaders import load_dataset
+LABEL_NAME_SETS = {"chaoyang": "CHAOYANG_LABEL_NAMES"}
 
-    ds = load_dataset(path)
+
+def label_names_for(spec: str):
+    """'chaoyang' (Chaoyang's four classes in its label order) or comma-separated names in label order."""
+    from histolab.data import loaders
+
+    key = spec.strip().lower()
+    if key in LABEL_NAME_SETS:
+        return getattr(loaders, LABEL_NAME_SETS[key])
+    return [x.strip() for x in spec.split(",") if x.strip()]
+
+
+def _is_json(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    head = path.read_bytes()[:4096].decode("utf-8-sig", errors="replace").lstrip()
+    return head.startswith(("[", "{"))
+
+
+def _user(path: Path, max_per_class: int | None, seed: int, label_names: str = "") -> TrainingData:
+    import dataclasses
+
+    from histolab.data.loaders import TileDataset, load_dataset, load_json
+    from histolab.data.splits import stratified_split
+
     notes = []
+    if label_names and _is_json(path):
+        ds = load_json(path, label_names=label_names_for(label_names))
+    else:
+        if label_names:
+            notes.append(f"label_names {label_names!r} ignored: it names the integer labels of a JSON index")
+        ds = load_dataset(path)
     if not ds.has_splits:
         ds = ds.with_splits(NO_SPLIT_FRACTIONS, seed=seed)
         # The loader's advice to split is taken here: say what was done instead.
         ds.report.notes = [n for n in ds.report.notes if not n.startswith("no split given")]
         notes.append(f"no split in {path}: a seeded stratified 90/10 train/val split (seed {seed})")
+    elif not any(r.split == "val" for r in ds.records):
+        # A train-only index (e.g. Chaoyang's train.json): a validation share carved from train, by group if given.
+        train = [dataclasses.replace(r, split=None) for r in ds.records if r.split == "train"]
+        rest = [r for r in ds.records if r.split not in ("train", None)]
+        ds = TileDataset(stratified_split(train, NO_SPLIT_FRACTIONS, seed) + rest, ds.classes, ds.report, ds.size)
+        notes.append(f"no validation split in {path}: 10% of the train split set aside for validation (seed {seed})")
     report = ds.report
     train_idx = {c: [] for c in ds.classes}
     for i, r in enumerate(ds.records):

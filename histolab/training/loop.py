@@ -307,6 +307,7 @@ class Run:
             min_per_class=cfg.min_images_per_class,
             max_per_class=cfg.max_images_per_class,
             seed=cfg.seed,
+            label_names=cfg.label_names,
         )
         fingerprint = data.fingerprint()
         if self.state and self.state.data_fingerprint != fingerprint:

@@ -84,6 +84,11 @@ _CHAOYANG_COMMON = {
     "mixed_precision": ("fp16", f"{P2025}: fp16"),
     "warmup_ratio": (0.05, f"{P2025}: 5% warm-up"),
     "prompt_template": ("{label}_tissue", f"{P2025}: class-label prompts such as adenocarcinoma_tissue"),
+    "label_names": (
+        "chaoyang",
+        "Chaoyang's integer labels named as its README orders them (normal, serrated, "
+        "adenocarcinoma, adenoma), so the prompts read adenocarcinoma_tissue",
+    ),
     "lr_schedule": ("constant", "not given in the paper; kohya-ss sd-scripts' constant schedule after warm-up"),
 }
 
@@ -120,6 +125,7 @@ _add(
                 if k in ("repeats", "epochs", "mixed_precision", "warmup_ratio")
             },
             "prompt_template": _CHAOYANG_COMMON["prompt_template"],
+            "label_names": _CHAOYANG_COMMON["label_names"],
             "lr_schedule": _CHAOYANG_COMMON["lr_schedule"],
             "lr": (1e-5, f"{P2025}: DreamBooth U-Net lr 1e-5"),
             "batch_size": (2, f"{P2025}: DreamBooth batch 2"),
@@ -141,6 +147,7 @@ _add(
                 if k in ("repeats", "epochs", "mixed_precision", "warmup_ratio")
             },
             "lr_schedule": _CHAOYANG_COMMON["lr_schedule"],
+            "label_names": _CHAOYANG_COMMON["label_names"],
             "lr": (5e-4, f"{P2025}: textual inversion lr 5e-4"),
             "batch_size": (32, f"{P2025}: textual inversion batch 32"),
             "token_template": ("<{label}_tissue>", f"{P2025}: class-label names, as new tokens"),
@@ -159,6 +166,7 @@ _add(
             "lr": (5e-5, f"{P2025}: lr 5e-5"),
             "max_steps": (4500, f"{P2025}: 4500 steps"),
             "prompt_template": _CHAOYANG_COMMON["prompt_template"],
+            "label_names": _CHAOYANG_COMMON["label_names"],
             "batch_size": (1, "not given in the paper; SD-webui's default hypernetwork batch size"),
             "mixed_precision": ("fp16", "not given in the paper; SD-webui trains against the half-precision model"),
             "sizes": ("all", "not given in the paper; SD-webui's default modules (768, 320, 640, 1280)"),
