@@ -36,5 +36,9 @@ class Cancelled(HistolabError):
     """Work was cancelled by the user."""
 
 
+class TrainingError(HistolabError):
+    """Training stopped (out of memory, disk full, a NaN loss, ...); the message says where the last good checkpoint is."""
+
+
 class StudyError(HistolabError):
     """A review-study operation was refused (bad rating, unknown item, ...)."""

@@ -187,15 +187,12 @@ def test_accelerate_launch_two_processes_equals_one(base_dir, tmp_path):
         assert cli(*args, "--batch-size", 3, "--out", single) == 0
     finally:
         torch.set_num_threads(threads)
-    # The `accelerate` console script imports timm, hence torchvision, before histolab can repair
-    # torchvision on a CPU build of torch; entering it through python after `import histolab` avoids that.
-    launcher = (
-        "import sys, histolab; from accelerate.commands.accelerate_cli import main; sys.argv[0] = 'accelerate'; main()"
-    )
+    # `python -m histolab.launch` is `accelerate launch` with histolab's torchvision repair in place
+    # (the plain console script imports timm, hence torchvision, first and fails on CPU torch).
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     split = tmp_path / "split"
     run = subprocess.run(
-        [sys.executable, "-c", launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        [sys.executable, "-m", "histolab.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
          "-m", "histolab", "generate", *map(str, args), "--batch-size", "2", "--out", str(split)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,

@@ -1,0 +1,88 @@
+"""Background jobs: a real worker process, cancelled through its folder, resumed, killed with SIGKILL,
+resumed again, and finishing with exactly the weights of an uninterrupted run."""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+from training_testkit import max_state_difference, tiny_base_dir  # noqa: F401
+
+from histolab.adapters.loader import locate, open_located
+from histolab.errors import InvalidRequest
+from histolab.training.jobs import JobSpec, JobStore
+from histolab.training.state import load_state
+
+# 12 images at batch 4: 3 steps per epoch; 16 epochs = 48 steps, long enough to interrupt twice.
+SETTINGS = {
+    "max_images_per_class": "4",
+    "min_images_per_class": "2",
+    "repeats": "1",
+    "batch_size": "4",
+    "augment": "flip",
+    "validation": "none",
+    "samples_per_class": "0",
+    "epochs": "16",
+}
+
+
+def _wait_for(job, predicate, timeout=120.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        st = job.status()
+        if predicate(st):
+            return st
+        time.sleep(0.2)
+    raise AssertionError(f"job {job.id} never reached the expected state; last: {job.status()}\n{job.log_tail()}")
+
+
+def test_cancel_kill_and_resume_a_job_process(tiny_base_dir, tmp_path):  # noqa: F811
+    store = JobStore(tmp_path / "jobs")
+    out = tmp_path / "checkpoints" / "bg-lora"
+    spec = JobSpec(
+        out=str(out), preset="tiny-lora", overrides=SETTINGS, base=str(tiny_base_dir), data="bundled", device="cpu"
+    )
+    job = store.start(spec)
+    assert [j.id for j in store.list()] == [job.id]
+
+    # 1. Cancel through the job folder while it trains: the worker saves and stops.
+    _wait_for(job, lambda s: s.state == "running" and s.progress.get("step", 0) >= 4)
+    job.cancel()
+    st = job.wait(timeout=120)
+    assert st.state == "cancelled", job.log_tail()
+    cancelled_at = load_state(out / "training").step
+    assert cancelled_at >= 4 and open_located(locate(out)).kind == "lora"
+
+    # 2. Resume in a new process, then kill -9 it mid-run: the status (from disk) says interrupted.
+    job.resume()
+    st = _wait_for(job, lambda s: s.state == "running" and s.progress.get("step", 0) >= cancelled_at + 7)
+    os.kill(st.pid, signal.SIGKILL)
+    st = _wait_for(job, lambda s: s.state == "interrupted", timeout=30)
+    assert "resume" in st.message
+    saved = load_state(out / "training")
+    assert saved is not None and saved.step > cancelled_at  # the last epoch checkpoint before the kill survived
+    assert open_located(locate(out)).kind == "lora"  # and the folder's adapter is intact
+
+    # 3. Resume again to the end.
+    job.resume()
+    st = job.wait(timeout=180)
+    assert st.state == "done", job.log_tail()
+    assert json.loads((job.dir / "status.json").read_text())["progress"]["step"] == 48
+
+    # The same weights, bit for bit, as one uninterrupted job (a worker process too: float sums depend on
+    # torch's thread count, which a fresh process picks for itself, so the reference runs the same way).
+    ref = store.start(JobSpec(**{**spec.__dict__, "out": str(tmp_path / "ref")}))
+    assert ref.wait(timeout=180).state == "done", ref.log_tail()
+    assert max_state_difference(load_state(tmp_path / "ref" / "training"), load_state(out / "training")) == 0.0
+
+
+def test_invalid_settings_are_refused_before_a_process_starts(tmp_path):
+    store = JobStore(tmp_path / "jobs")
+    with pytest.raises(InvalidRequest, match=r"`lr` must be a positive number but is -0\.1"):
+        store.start(JobSpec(out=str(tmp_path / "o"), preset="tiny-lora", overrides={"lr": "-0.1"}))
+    with pytest.raises(InvalidRequest, match="preset 'tiny-lora' is for method 'lora', not 'hypernetwork'"):
+        store.start(JobSpec(out=str(tmp_path / "o"), preset="tiny-lora", method="hypernetwork"))
+    with pytest.raises(InvalidRequest, match="no such folder"):
+        store.start(JobSpec(out=str(tmp_path / "o"), preset="tiny-lora", data=str(tmp_path / "missing")))
+    assert store.list() == [] and not (tmp_path / "o").exists()
