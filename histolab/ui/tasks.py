@@ -99,7 +99,10 @@ class TaskRunner:
     def submit(self, kind: str, params: dict[str, Any], *, title: str, owner: str) -> TaskInfo:
         if kind not in self._kinds:
             raise InvalidRequest(f"unknown task kind {kind!r}; known: {sorted(self._kinds)}")
-        json.dumps(params)  # parameters must be plain data: they are what a restart re-runs
+        try:
+            json.dumps(params)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(f"task parameters must be plain data (a restart runs them again): {exc}") from None
         task_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
         now = time.time()
         info = TaskInfo(task_id, kind, title, owner, dict(params), created=now, updated=now)

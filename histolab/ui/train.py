@@ -81,7 +81,23 @@ def datasets(services) -> list[str]:
     return out
 
 
-def start_job(services, session: dict, preset: str, dataset: str, base: str, name: str, max_steps) -> str:
+def parse_overrides(text: str) -> dict[str, str]:
+    """``field = value`` lines (the CLI's ``--set field=value``); the training config parses and checks them."""
+    out: dict[str, str] = {}
+    for n, line in enumerate(str(text or "").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise InvalidRequest(f"overrides line {n} must be `field = value` but is {line[:80]!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def start_job(
+    services, session: dict, preset: str, dataset: str, base: str, name: str, max_steps, overrides_text: str = ""
+) -> str:
     from histolab.review.config import SLUG
     from histolab.training import PRESETS, JobSpec
 
@@ -94,7 +110,7 @@ def start_job(services, session: dict, preset: str, dataset: str, base: str, nam
     if dataset not in datasets(services):
         raise InvalidRequest(f"unknown dataset {dataset!r}; put datasets in {services.datasets_root}")
     data = "bundled" if dataset == "bundled" else str(services.datasets_root / dataset)
-    overrides = {}
+    overrides: dict[str, Any] = parse_overrides(overrides_text)
     steps = to_int("max steps", max_steps if max_steps not in (None, "") else 0, 0, 10_000_000)
     if steps:
         overrides["max_steps"] = steps
@@ -104,6 +120,7 @@ def start_job(services, session: dict, preset: str, dataset: str, base: str, nam
         overrides=overrides,
         base=services.resolve_base(base),
         data=data,
+        device=None if services.settings.device == "auto" else services.settings.device,
     )
     job = services.jobs().start(spec, python=services.job_python)
     _monitor(services)
@@ -139,17 +156,30 @@ def _job(services, job_id: str):
 
 
 def loss_points(job) -> list[dict[str, Any]]:
+    """Two series: the mean loss of each finished epoch (from its checkpoint's manifest, so it is there after
+    any restart) and the live moving mean the monitor sampled while the job ran."""
+    from histolab.adapters.manifest import read_manifest
+    from histolab.training.checkpoint import epoch_folders
+
     points = []
+    for _, folder in sorted(epoch_folders(Path(job.spec().out)).items()):
+        with contextlib.suppress(HistolabError, OSError, ValueError):
+            m = read_manifest(folder)
+            if m is not None and "train_loss" in m.metrics and "step" in m.metrics:
+                points.append(
+                    {"step": int(m.metrics["step"]), "loss": float(m.metrics["train_loss"]), "series": "epoch mean"}
+                )
+    live = []
     path = job.dir / LOSS_FILE
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(json.JSONDecodeError, KeyError):
+            with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError, ValueError):
                 d = json.loads(line)
-                points.append({"step": int(d["step"]), "loss": float(d["loss"]), "series": "loss (moving mean)"})
-    if len(points) > MAX_POINTS:
-        k = len(points) / MAX_POINTS
-        points = [points[int(i * k)] for i in range(MAX_POINTS)]
-    return points
+                live.append({"step": int(d["step"]), "loss": float(d["loss"]), "series": "moving mean (live)"})
+    if len(live) > MAX_POINTS:
+        k = len(live) / MAX_POINTS
+        live = [live[int(i * k)] for i in range(MAX_POINTS)]
+    return points + live
 
 
 def epoch_samples(job) -> list[tuple[Any, str]]:
@@ -228,6 +258,9 @@ def build(services, session_state):
                 name = gr.Textbox(label="Adapter name (checkpoints/NAME)", value="my-adapter", elem_id="train-name")
                 max_steps = gr.Number(value=0, precision=0, minimum=0, label="Max steps (0: the preset's)")
                 start = gr.Button("Start", variant="primary", elem_id="train-start")
+            overrides = gr.Textbox(
+                label="Override preset settings (one `field = value` per line, e.g. `epochs = 4`)", lines=2, value=""
+            )
             started = gr.Markdown("")
         with gr.Row():
             jobs = gr.Dropdown(allow_custom_value=True, choices=[], label="Job", elem_id="train-job")
@@ -255,14 +288,14 @@ def build(services, session_state):
         return rows, gr.update(choices=ids, value=pick)
 
     @ui_errors
-    def on_start(s, p, d, b, n, m):
-        job_id = start_job(services, session(s), p, d, b, n, m)
+    def on_start(s, p, d, b, n, m, o):
+        job_id = start_job(services, session(s), p, d, b, n, m, o)
         rows, pick = lists(s, job_id)
         return f"started job {job_id}; it goes on if you close the page", rows, pick, gr.Timer(active=True)
 
     start.click(
         on_start,
-        [session_state, preset, dataset, base, name, max_steps],
+        [session_state, preset, dataset, base, name, max_steps, overrides],
         [started, table, jobs, timer],
         api_name="train_start",
     )
