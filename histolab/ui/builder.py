@@ -99,7 +99,7 @@ def build_app(services: Services | AppSettings | None = None):
         ev_in = admin_in.click(
             ui_errors(on_admin_in),
             [session_state, admin_user, admin_password],
-            [admin_status, admin_password],
+            [admin_status, admin_password, admin_box],
             api_name="admin_sign_in",
             **light,
         )

@@ -1,0 +1,217 @@
+"""Latency of the live app while a training job runs, against the idle app, in the same run.
+
+A real app (histolab.ui.build_app, launched as ``python app.py`` launches it) is driven through
+gradio_client, one request at a time, in two phases:
+
+1. idle: nothing else of ours runs;
+2. training: a real training job (histolab.training.jobs, its own process, the tiny-lora preset on the
+   same base, every core it wants) trains throughout the phase.
+
+Measured per request, client side (queue, handler, commit, response): a rater's answer submit on the
+rater page (``/rater_submit``: validated, committed with synchronous=FULL, next task built with its
+images) and a generate request (``/generate``: one image at the Generate tab's settings). Printed: n,
+p50 and p99 in ms per phase, and the training/idle ratios. The base model is the embedded default
+when it is installed, else a random-init network of the same architecture (same shapes, same time).
+
+    python bench/app_latency.py                       # 100 submits and 20 generations per phase
+    python bench/app_latency.py --ratings 200 --generations 40 --steps 25
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ratings", type=int, default=100, help="rating submits per phase (default 100)")
+    p.add_argument("--generations", type=int, default=20, help="generate requests per phase (default 20)")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps per generated image (default 20)")
+    p.add_argument("--arch", default="embedded", help="architecture when the embedded weights are absent")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in the app (0: torch's default)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
+    return p.parse_args(argv)
+
+
+def base_model(arch: str):
+    from histolab.config import EMBEDDED_BASE_DIR
+
+    if arch == "embedded" and (EMBEDDED_BASE_DIR / "model_index.json").exists():
+        from histolab.pipeline import load_base
+
+        return load_base("embedded"), "embedded default (trained weights)"
+    from histolab.embedded.random_init import random_base
+
+    return random_base(arch, seed=0), f"random-init {arch} architecture (embedded weights not installed)"
+
+
+def make_study(services, n_tasks: int) -> str:
+    """A study of real bundled crops with one rater; returns the rater's code."""
+    from histolab.review import create_study, parse_config
+
+    per_class = -(-n_tasks // 3)
+    real = services.materialize_real("test")
+    cfg = {
+        "id": "latency",
+        "owner": services.settings.admin_user,
+        "image_size": 64,
+        "sources": [{"name": "real", "kind": "real", "path": str(real), "limit": per_class}],
+        "raters": ["r1"],
+    }
+    report = create_study(services.store(), parse_config(cfg))
+    assert report.units >= n_tasks, report.lines()
+    return report.raters["r1"]
+
+
+def percentile(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs) * 1000.0, q))
+
+
+def measure(rater, view, gen_args, n_ratings: int, n_gen: int, client, check=None) -> tuple[dict, tuple]:
+    """Alternate submits and generations (so both see the same conditions); returns latencies (s) and the view."""
+    out = {"submit": [], "generate": []}
+    shown = 29  # the hidden task id in the rater endpoints' outputs
+    for i in range(max(n_ratings, n_gen)):
+        if i < n_ratings:
+            args = [view[shown], *[6] * 12, [], "real", 3, *[None] * 8, ""]
+            t = time.perf_counter()
+            view = rater.predict(*args, api_name="/rater_submit")
+            out["submit"].append(time.perf_counter() - t)
+        if i < n_gen:
+            t = time.perf_counter()
+            client.predict(*gen_args, api_name="/generate")
+            out["generate"].append(time.perf_counter() - t)
+        if check is not None:
+            check()
+    return out, view
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    from gradio_client import Client
+
+    import histolab  # noqa: F401  (torchvision repair first)
+    from histolab.config import Paths
+    from histolab.training import JobSpec
+    from histolab.ui import AppSettings, Services, build_app, launch_options
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = Path(tempfile.mkdtemp(prefix="histolab-latency-"))
+    model, model_note = base_model(args.arch)
+    paths = Paths.from_env({"HISTOLAB_DATA_DIR": str(root)})
+    base_dir = save_base(model, paths.checkpoints / "bench-base")
+    settings = AppSettings(max_steps=max(150, args.steps), local_admin=True)
+    services = Services(settings, paths, model_loader=lambda source: model)
+    code = make_study(services, 2 * args.ratings + 4)
+    app = build_app(services)
+    opts = launch_options(settings, services=services)
+    opts.update(quiet=True, prevent_thread_lock=True)
+    _, url, _ = app.launch(**opts)
+    job = None
+    try:
+        client = Client(url, verbose=False)
+        rater = Client(url, verbose=False)
+        view = rater.predict("latency", "r1", code, api_name="/rater_sign_in")
+        gen_args = ["embedded", "prompt", "an h&e stained histology image of skin", "", None]
+        gen_args += ["(none)", 1.0] * settings.max_adapters + [args.steps, 7.5, "dpmpp_2m_karras", 0, 1, "(none)"]
+        _, view = measure(rater, view, gen_args, 2, 2, client)  # the first calls open connections and caches
+        idle, view = measure(rater, view, gen_args, args.ratings, args.generations, client)
+
+        # A training job of its own process, long enough to outlast the phase; timing starts once it trains.
+        job = services.jobs().start(
+            JobSpec(
+                out=str(paths.checkpoints / "latency-lora"),
+                preset="tiny-lora",
+                overrides={"max_steps": "1000000", "validation": "none", "samples_per_class": "0"},
+                base=str(base_dir),
+                data="bundled",
+                device="cpu",
+            )
+        )
+        t0 = time.monotonic()
+        while True:
+            st = job.status()
+            if st.state == "running" and st.progress.get("phase") == "training" and st.progress.get("step", 0) >= 3:
+                break
+            if st.finished or time.monotonic() - t0 > 600:
+                raise SystemExit(f"the training job did not start training: {st}\n{job.log_tail()}")
+            time.sleep(0.5)
+        step0 = job.status().progress.get("step", 0)
+
+        def still_training():
+            st = job.status()
+            if st.state != "running":
+                raise SystemExit(f"the training job stopped during the phase: {st}\n{job.log_tail()}")
+
+        t1 = time.monotonic()
+        loaded, view = measure(rater, view, gen_args, args.ratings, args.generations, client, still_training)
+        phase_s = time.monotonic() - t1
+        st = job.status()
+        steps = st.progress.get("step", 0) - step0
+        rate = st.progress.get("samples_per_s")
+    finally:
+        if job is not None:
+            job.cancel()
+            job.wait(timeout=120)
+        app.close()
+
+    print("app latency: one request at a time through gradio_client, against a live app")
+    print(f"  cpu cores {os.cpu_count()}, app torch threads {torch.get_num_threads()}; base: {model_note}")
+    print(f"  generate: 1 image, {args.steps} steps, dpmpp_2m_karras, guidance 7.5, {model.default_size} px")
+    print(
+        f"  training phase: tiny-lora job (own process) made {steps} steps in {phase_s:.1f} s"
+        + (f" ({rate:.1f} img/s at the end)" if rate else "")
+    )
+    print(
+        f"{'request':<22}{'n':>5}{'idle p50':>11}{'idle p99':>11}{'train p50':>11}{'train p99':>11}{'x p50':>8}{'x p99':>8}"
+    )
+    for name, label in (("submit", "rating submit (ms)"), ("generate", "generate (ms)")):
+        a, b = idle[name], loaded[name]
+        i50, i99, t50, t99 = percentile(a, 50), percentile(a, 99), percentile(b, 50), percentile(b, 99)
+        print(
+            f"{label:<22}{len(a):>5}{i50:>11.1f}{i99:>11.1f}{t50:>11.1f}{t99:>11.1f}{t50 / i50:>8.2f}{t99 / i99:>8.2f}"
+        )
+    if args.keep:
+        print(f"kept {root}")
+    else:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+def save_base(model, folder: Path) -> Path:
+    """The model as a diffusers pipeline folder, for the training job's process to load."""
+    import json
+
+    model.unet.save_pretrained(folder / "unet")
+    model.vae.save_pretrained(folder / "vae")
+    model.text_encoder.save_pretrained(folder / "text_encoder")
+    model.tokenizer.save_pretrained(folder / "tokenizer")
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config))
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
