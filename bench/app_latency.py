@@ -102,6 +102,7 @@ def main(argv=None) -> int:
 
     import histolab  # noqa: F401  (torchvision repair first)
     from histolab.config import Paths
+    from histolab.pipeline import save_pipeline_folder
     from histolab.training import JobSpec
     from histolab.ui import AppSettings, Services, build_app, launch_options
 
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
     root = Path(tempfile.mkdtemp(prefix="histolab-latency-"))
     model, model_note = base_model(args.arch)
     paths = Paths.from_env({"HISTOLAB_DATA_DIR": str(root)})
-    base_dir = save_base(model, paths.checkpoints / "bench-base")
+    base_dir = save_pipeline_folder(model, paths.checkpoints / "bench-base")  # for the job's own process
     settings = AppSettings(max_steps=max(150, args.steps), local_admin=True)
     services = Services(settings, paths, model_loader=lambda source: model)
     code = make_study(services, 2 * args.ratings + 4)
@@ -189,28 +190,6 @@ def main(argv=None) -> int:
 
         shutil.rmtree(root, ignore_errors=True)
     return 0
-
-
-def save_base(model, folder: Path) -> Path:
-    """The model as a diffusers pipeline folder, for the training job's process to load."""
-    import json
-
-    model.unet.save_pretrained(folder / "unet")
-    model.vae.save_pretrained(folder / "vae")
-    model.text_encoder.save_pretrained(folder / "text_encoder")
-    model.tokenizer.save_pretrained(folder / "tokenizer")
-    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config))
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(index))
-    return folder
 
 
 if __name__ == "__main__":

@@ -324,3 +324,26 @@ def _load_hub(repo_id: str, device: str, dtype, paths: Paths) -> BaseModel:
                 f"{target.name!r}."
             ) from exc
     return _load_folder(Path(folder), device, dtype)
+
+
+def save_pipeline_folder(model: BaseModel, folder: str | Path, scheduler_class: str = "PNDMScheduler") -> Path:
+    """``model`` as a diffusers pipeline folder (``model_index.json``, unet/, vae/, text_encoder/, tokenizer/,
+    scheduler/) that ``load_base`` and diffusers' ``StableDiffusionPipeline.from_pretrained`` both read.
+    For handing a loaded model to another process (a training job, a benchmark's reference)."""
+    folder = Path(folder)
+    model.unet.save_pretrained(folder / "unet")
+    model.vae.save_pretrained(folder / "vae")
+    model.text_encoder.save_pretrained(folder / "text_encoder")
+    model.tokenizer.save_pretrained(folder / "tokenizer")
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config))
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", scheduler_class],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder

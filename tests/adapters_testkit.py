@@ -4,7 +4,6 @@ generation to pixels, files in other tools' published layouts, a seeded encoder.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -151,22 +150,9 @@ class SeededEncoder:
 
 def save_pipeline(model, folder: Path) -> Path:
     """``model`` as a diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/)."""
-    model.unet.save_pretrained(folder / "unet")
-    model.vae.save_pretrained(folder / "vae")
-    model.text_encoder.save_pretrained(folder / "text_encoder")
-    model.tokenizer.save_pretrained(folder / "tokenizer")
-    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config))
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "PNDMScheduler"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(index))
-    return folder
+    from histolab.pipeline import save_pipeline_folder
+
+    return save_pipeline_folder(model, folder)
 
 
 def meta_model(arch: str = "sd15"):

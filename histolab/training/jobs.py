@@ -35,6 +35,7 @@ from typing import Any
 
 from histolab.config import PROJECT_ROOT, Paths
 from histolab.errors import HistolabError, InvalidRequest, ModelNotFound
+from histolab.locks import lock_held
 from histolab.training.progress import Progress
 
 JOB_FILE = "job.json"
@@ -152,19 +153,7 @@ class Job:
 
     def running(self) -> bool:
         """True while a process holds the job's lock."""
-        try:
-            fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        else:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return False
-        finally:
-            os.close(fd)
+        return lock_held(self.dir / LOCK_FILE, create=True)
 
     def status(self) -> JobStatus:
         raw = self._raw_status()

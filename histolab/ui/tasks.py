@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from histolab.errors import Cancelled, HistolabError, InvalidRequest, ModelNotFound
+from histolab.locks import lock_held
 
 TASK_FILE = "task.json"
 LOCK_FILE = "lock"
@@ -263,19 +264,7 @@ class TaskRunner:
 
 
 def _locked(lock_path: Path) -> bool:
-    try:
-        fd = os.open(lock_path, os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
+    return lock_held(lock_path)
 
 
 def _checked_id(task_id: str) -> str:
