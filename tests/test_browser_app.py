@@ -138,7 +138,7 @@ def test_build_a_study_rate_it_blind_resume_and_export(env):
     field(admin, "study-limit").fill("2")  # images per class and set: 6 + 6 tasks
     admin.locator("#study-create").click()
     admin.wait_for_function("() => /rita/.test(document.querySelector('#study-codes').innerText)", timeout=WAIT)
-    found = re.search(r"rita\s+([A-Za-z0-9_-]{16})\b", admin.locator("#study-codes").inner_text())
+    found = re.search(r"rita\s+([A-Za-z0-9_-]{16})(?![A-Za-z0-9_-])", admin.locator("#study-codes").inner_text())
     assert found, admin.locator("#study-codes").inner_text()
     code = found.group(1)
     shot(admin, "tab-studies")

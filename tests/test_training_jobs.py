@@ -27,7 +27,7 @@ SETTINGS = {
 }
 
 
-def _wait_for(job, predicate, timeout=120.0):
+def _wait_for(job, predicate, timeout=600.0):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         st = job.status()
@@ -49,7 +49,7 @@ def test_cancel_kill_and_resume_a_job_process(tiny_base_dir, tmp_path):  # noqa:
     # 1. Cancel through the job folder while it trains: the worker saves and stops.
     _wait_for(job, lambda s: s.state == "running" and s.progress.get("step", 0) >= 4)
     job.cancel()
-    st = job.wait(timeout=120)
+    st = job.wait(timeout=600)
     assert st.state == "cancelled", job.log_tail()
     cancelled_at = load_state(out / "training").step
     assert cancelled_at >= 4 and open_located(locate(out)).kind == "lora"
@@ -66,14 +66,14 @@ def test_cancel_kill_and_resume_a_job_process(tiny_base_dir, tmp_path):  # noqa:
 
     # 3. Resume again to the end.
     job.resume()
-    st = job.wait(timeout=180)
+    st = job.wait(timeout=600)
     assert st.state == "done", job.log_tail()
     assert json.loads((job.dir / "status.json").read_text())["progress"]["step"] == 48
 
     # The same weights, bit for bit, as one uninterrupted job (a worker process too: float sums depend on
     # torch's thread count, which a fresh process picks for itself, so the reference runs the same way).
     ref = store.start(JobSpec(**{**spec.__dict__, "out": str(tmp_path / "ref")}))
-    assert ref.wait(timeout=180).state == "done", ref.log_tail()
+    assert ref.wait(timeout=600).state == "done", ref.log_tail()
     assert max_state_difference(load_state(tmp_path / "ref" / "training"), load_state(out / "training")) == 0.0
 
 

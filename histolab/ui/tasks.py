@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -222,12 +222,16 @@ class TaskRunner:
             os.close(fd)
 
     def _set(self, info: TaskInfo, **changes) -> None:
+        # On disk before it is visible here: whoever sees the new state in this process (a waiter, then
+        # another process reading task.json) must find it on disk too.
+        with self._lock:
+            after = replace(info, **changes, updated=time.time())
+        self._write(after)
         with self._changed:
             for k, v in changes.items():
                 setattr(info, k, v)
-            info.updated = time.time()
+            info.updated = after.updated
             self._changed.notify_all()
-        self._write(info)
 
     def _finish(self, info: TaskInfo, state: str, message: str, fraction: float | None = None) -> None:
         changes: dict[str, Any] = {"state": state, "message": message}
