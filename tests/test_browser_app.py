@@ -194,6 +194,9 @@ def test_build_a_study_rate_it_blind_resume_and_export(env):
         field(rater, "review-comment").fill(f"note {i}")
         doms.append(rater.content())
         rater.locator("#review-submit").click()
+        # The acknowledgement itself, not just a changed header: Gradio re-renders the header while the
+        # submit is in flight, and a reload then would cancel the answer's acknowledgement.
+        rater.get_by_text(f"answer saved ({i + 1} of 12 done)").wait_for(timeout=WAIT)
         rater.wait_for_function(
             "h => !document.querySelector('#review-progress') || document.querySelector('#review-progress').innerText !== h",
             arg=header,
