@@ -9,6 +9,7 @@ built from its config files, without reading its weights (``shape_model``).
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -73,8 +74,19 @@ def scan(root: Path | None = None, base=None, runtime=None) -> list[Entry]:
             continue
         if p.is_dir() and not any(p.iterdir()):
             continue
+        if p.is_dir() and _manifest_kind(p) == "encoder":
+            # A pathology encoder (histolab.encoders) lives here too; it is listed, not applied.
+            entries.append(Entry(p.name, str(p), "encoder", "histolab", "", None, "used by projector adapters"))
+            continue
         entries.append(_entry(p, base, runtime))
     return entries
+
+
+def _manifest_kind(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _entry(p: Path, base, runtime) -> Entry:
