@@ -347,3 +347,28 @@ def save_pipeline_folder(model: BaseModel, folder: str | Path, scheduler_class: 
     }
     (folder / "model_index.json").write_text(json.dumps(index))
     return folder
+
+
+# Files shipped in the repository stay under this size (git hosts refuse or slow down on big blobs);
+# diffusers and our loaders read the shards through their index file.
+SHIPPED_SHARD_SIZE = "15MB"
+
+
+def reshard_for_shipping(component_dir: str | Path, model_class) -> None:
+    """Rewrite a diffusers component folder's single weights file as shards of SHIPPED_SHARD_SIZE,
+    tensor for tensor the same (checked), in the folder's dtype."""
+    import torch
+    from safetensors.torch import load_file
+
+    component_dir = Path(component_dir)
+    single = component_dir / "diffusion_pytorch_model.safetensors"
+    if not single.is_file():
+        return
+    before = load_file(single)
+    dtype = next(iter(before.values())).dtype
+    module = model_class.from_pretrained(component_dir, torch_dtype=dtype)
+    single.unlink()
+    module.save_pretrained(component_dir, safe_serialization=True, max_shard_size=SHIPPED_SHARD_SIZE)
+    after = model_class.from_pretrained(component_dir, torch_dtype=dtype).state_dict()
+    if set(after) != set(before) or not all(torch.equal(before[k], after[k]) for k in before):
+        raise RuntimeError(f"{component_dir}: the shards do not hold the same tensors")

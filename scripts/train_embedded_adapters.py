@@ -100,6 +100,12 @@ def ship(run_dir: Path, target: Path) -> Path:
         if p.name in (EPOCHS_DIR, WORK_DIR) or p.name.startswith("."):
             continue
         (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
+    if (tmp / "unet").is_dir():  # DreamBooth: a full U-Net, sharded to stay small in git
+        from diffusers import UNet2DConditionModel
+
+        from histolab.pipeline import reshard_for_shipping
+
+        reshard_for_shipping(tmp / "unet", UNet2DConditionModel)
     if target.exists():
         shutil.rmtree(target)
     os.rename(tmp, target)

@@ -42,6 +42,7 @@ from histolab.config import EMBEDDED_BASE_DIR
 from histolab.data import bundled
 from histolab.data.prompts import CLASS_PROMPTS, sample_caption
 from histolab.embedded.architecture import EMBEDDED, build_components
+from histolab.pipeline import SHIPPED_SHARD_SIZE
 
 P_PHOTO = 0.2  # share of non-tissue photos in each batch: a broad, general model
 N_LATENTS_PER_CLASS = 5000
@@ -469,7 +470,7 @@ def export(work: Path, out: Path) -> None:
     ema.copy_to([unet, te])
     out.mkdir(parents=True, exist_ok=True)
     for name, m in (("vae", vae), ("unet", unet), ("text_encoder", te)):
-        m.to(torch.float16).save_pretrained(out / name, safe_serialization=True)
+        m.to(torch.float16).save_pretrained(out / name, safe_serialization=True, max_shard_size=SHIPPED_SHARD_SIZE)
     tok_dir = tokenizer_dir(work)
     CLIPTokenizer.from_pretrained(tok_dir).save_pretrained(out / "tokenizer")
     # Keep the slow-format files too: SD-webui and older tools read these.
