@@ -70,26 +70,9 @@ class TimmEncoder:
 
 def uni2h_architecture():
     """UNI2-h's timm arguments (MahmoodLab/UNI2-h model card) with random weights."""
-    import timm
-    import torch
+    from histolab.encoders.uni import UNI2_H
 
-    model = timm.create_model(
-        "vit_giant_patch14_224",
-        pretrained=False,
-        img_size=224,
-        patch_size=14,
-        depth=24,
-        num_heads=24,
-        init_values=1e-5,
-        embed_dim=1536,
-        mlp_ratio=2.66667 * 2,
-        num_classes=0,
-        no_embed_class=True,
-        mlp_layer=timm.layers.SwiGLUPacked,
-        act_layer=torch.nn.SiLU,
-        reg_tokens=8,
-        dynamic_img_size=True,
-    )
+    model = UNI2_H.build()
     return TimmEncoder("uni2-h-arch", model, 224, 1536)
 
 
