@@ -21,7 +21,8 @@ from typing import Any
 
 from PIL import Image
 
-from histolab.errors import Cancelled, InvalidRequest
+from histolab.adapters.spec import AdapterSpec
+from histolab.errors import Cancelled, InvalidRequest, is_cancelled
 from histolab.recipe import AdapterUse, Recipe
 from histolab.schedulers import build_scheduler, check_name
 
@@ -42,14 +43,6 @@ MAX_SIDE = 2048
 # on one image and the text encoder on one prompt, so they need neither.
 FIXED_ROWS = 2 * MAX_BATCH  # guidance doubles the batch
 _TIME_LINEAR = re.compile(r"(^|\.)(time_embedding|add_embedding|class_embedding)\.|time_emb_proj")
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """An adapter to apply for one request: a path or registry name, and a strength."""
-
-    ref: str
-    strength: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -111,14 +104,6 @@ class GeneratedImage:
     recipe: Recipe
 
 
-def _is_cancelled(cancel) -> bool:
-    if cancel is None:
-        return False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set()
-    return bool(cancel())
-
-
 def text_conditioning(model, request: GenerationRequest, n: int):
     """(cond, uncond) for ``n`` images: each prompt encoded once (batch of one) and
     repeated, so the embeddings are the same bits whatever ``n`` is, and a batch
@@ -141,7 +126,7 @@ def generate(
         if request.adapters:
             # Applied for this request only and removed after, under the model's
             # lock: one user's adapters never reach another user's images.
-            from histolab.adapters import applied
+            from histolab.adapters.runtime import applied
 
             ctx = applied(model, request.adapters)
         else:
@@ -201,7 +186,7 @@ def _generate_locked(model, request, used: list[AdapterUse], progress, cancel, s
     # 5. Denoising loop.
     with torch.inference_mode(), fixed_rows:
         for i, t in enumerate(timesteps):
-            if _is_cancelled(cancel):
+            if is_cancelled(cancel):
                 raise Cancelled(f"generation cancelled after {i} of {len(timesteps)} steps")
             x_in = torch.cat([latents, latents]) if twice else latents
             x_in = scheduler.scale_model_input(x_in, t)

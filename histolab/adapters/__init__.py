@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from histolab.adapters.spec import AdapterSpec, parse_spec
+
 if TYPE_CHECKING:
     from histolab.adapters.registry import Entry, scan
     from histolab.adapters.runtime import AdapterRuntime, RuntimeConfig, applied, default_runtime
@@ -35,21 +37,13 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'histolab.adapters' has no attribute {name!r}")
 
 
-def parse_spec(text: str):
-    """``PATH[:STRENGTH]`` -> AdapterSpec. The strength is the part after the last ':' when it is a number."""
-    from histolab.errors import InvalidRequest
-    from histolab.generation import AdapterSpec
-
-    text = text.strip()
-    ref, sep, tail = text.rpartition(":")
-    if sep and ref and tail:
-        try:
-            return AdapterSpec(ref, float(tail))
-        except ValueError:
-            pass  # a ':' that is part of the path (e.g. C:\\...)
-    if not text:
-        raise InvalidRequest("an --adapter value is empty; give PATH or PATH:STRENGTH")
-    return AdapterSpec(text, 1.0)
-
-
-__all__ = ["AdapterRuntime", "Entry", "RuntimeConfig", "applied", "default_runtime", "parse_spec", "scan"]
+__all__ = [
+    "AdapterRuntime",
+    "AdapterSpec",
+    "Entry",
+    "RuntimeConfig",
+    "applied",
+    "default_runtime",
+    "parse_spec",
+    "scan",
+]
