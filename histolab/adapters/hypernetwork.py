@@ -46,7 +46,7 @@ _OUR_KEY = re.compile(r"^(\d+)\.([kv])\.(linear\.\d+\.(?:weight|bias))$")
 
 # SD-webui's activation names: its own short list, then every class in
 # torch.nn.modules.activation by lower-cased name ("swish" is Hardswish there).
-_ACTIVATIONS: dict[str, type] = {
+ACTIVATIONS: dict[str, type] = {
     "relu": torch.nn.ReLU,
     "leakyrelu": torch.nn.LeakyReLU,
     "elu": torch.nn.ELU,
@@ -56,7 +56,7 @@ _ACTIVATIONS: dict[str, type] = {
 }
 for _name, _cls in inspect.getmembers(torch.nn.modules.activation, inspect.isclass):
     if _cls.__module__ == "torch.nn.modules.activation":
-        _ACTIVATIONS.setdefault(_name.lower(), _cls)
+        ACTIVATIONS.setdefault(_name.lower(), _cls)
 
 
 @dataclass
@@ -75,7 +75,7 @@ class HypernetworkOptions:
             raise AdapterError(f"{where}: layer_structure must be a list of positive numbers but is {ls!r}")
         if ls[0] != 1 or ls[-1] != 1:
             raise AdapterError(f"{where}: layer_structure must start and end with 1 but is {ls!r}")
-        if self.activation_func not in (None, "linear") and self.activation_func not in _ACTIVATIONS:
+        if self.activation_func not in (None, "linear") and self.activation_func not in ACTIVATIONS:
             raise AdapterError(f"{where}: unsupported activation_func {self.activation_func!r}")
         ds = self.dropout_structure
         if ds is not None and not (isinstance(ds, list) and len(ds) == len(ls) and all(0 <= x < 1 for x in ds)):
@@ -105,7 +105,7 @@ class HypernetworkModule(torch.nn.Module):
             last = i >= len(ls) - 2
             if opts.activation_func not in (None, "linear") and not (last and not opts.activate_output):
                 try:
-                    layers.append(_ACTIVATIONS[opts.activation_func]())
+                    layers.append(ACTIVATIONS[opts.activation_func]())
                 except TypeError as exc:
                     raise AdapterError(f"activation {opts.activation_func!r} needs arguments: {exc}") from exc
             if opts.add_layer_norm:

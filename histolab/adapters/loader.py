@@ -17,7 +17,7 @@ from typing import Any
 
 from histolab.adapters import dreambooth, hypernetwork, lora, projector, textual_inversion
 from histolab.adapters.manifest import MANIFEST_NAME, Manifest, read_manifest
-from histolab.errors import AdapterError, ModelNotFound
+from histolab.errors import AdapterError, HistolabError, ModelNotFound
 from histolab.files import sha256_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt", ".pth")
@@ -215,3 +215,34 @@ def classify(tensors: dict, where: str) -> str:
         f"{where}: cannot tell what kind of adapter this is from its keys (e.g. {sample}); "
         "add a manifest.json with its `kind`"
     )
+
+
+# ------------------------------------------------------------------ finding files
+# Here rather than in registry.py: the runtime resolves names through them, and the
+# registry (which lists entries through the runtime) sits above both.
+
+
+def candidates(root: Path) -> list[Path]:
+    """Top-level folders and weight files in checkpoints/ (hidden entries skipped)."""
+    if not root.is_dir():
+        return []
+    out = []
+    for p in sorted(root.iterdir()):
+        if p.name.startswith((".", "_")):
+            continue
+        if p.is_dir() or (p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+            out.append(p)
+    return out
+
+
+def find_by_name(root: Path, name: str) -> Path | None:
+    """The folder whose manifest.json has ``name``."""
+    for p in candidates(root):
+        if p.is_dir() and (p / MANIFEST_NAME).is_file():
+            try:
+                m = read_manifest(p)
+            except HistolabError:
+                continue
+            if m is not None and m.name == name:
+                return p
+    return None

@@ -25,6 +25,7 @@ import torch
 
 from histolab.adapters import lora as lora_mod
 from histolab.adapters.edit import ModelEdit
+from histolab.adapters.reference import ReferenceConditioner
 from histolab.errors import AdapterError
 
 WEIGHTS_NAME = "projector.safetensors"
@@ -107,16 +108,15 @@ class ProjectorAdapter:
             self.lora.validate(model, name)
 
     def apply(self, model, strength: float, edit: ModelEdit, name: str = "projector", runtime=None) -> None:
-        from histolab.adapters.reference import ReferenceConditioner
-
         self.validate(model, name)
+        conditioner = ReferenceConditioner(self, runtime, name)  # refuses a missing runtime before any edit
         if self.lora is not None:
             self.lora.apply(model, strength, edit, name)
         if "reference" in model.conditioners:
             raise AdapterError(
                 f"{name}: another reference-mode adapter is already applied; use one projector at a time"
             )
-        edit.set_item(model.conditioners, "reference", ReferenceConditioner(self, runtime, name))
+        edit.set_item(model.conditioners, "reference", conditioner)
 
     @torch.no_grad()
     def project(self, embeddings, model):

@@ -84,10 +84,15 @@ class EmbeddingCache:
 
 class ReferenceConditioner:
     def __init__(self, adapter, runtime, name: str):
-        from histolab.adapters.runtime import default_runtime
-
+        # The runtime (encoders, embedding cache) is handed in by whoever applies the adapter,
+        # never looked up from here: runtime.py imports this module.
+        if runtime is None:
+            raise AdapterError(
+                f"{name}: a reference-mode adapter needs the adapter runtime that applies it; "
+                "apply it through histolab.adapters.applied(model, specs)"
+            )
         self.adapter = adapter
-        self.runtime = runtime or default_runtime()
+        self.runtime = runtime
         self.name = name
 
     def encoder(self, model):

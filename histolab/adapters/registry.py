@@ -13,8 +13,9 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from histolab.adapters.loader import WEIGHT_SUFFIXES
-from histolab.adapters.manifest import MANIFEST_NAME, architecture_differences, read_manifest
+from histolab.adapters.loader import candidates
+from histolab.adapters.manifest import MANIFEST_NAME, architecture_differences
+from histolab.adapters.runtime import default_runtime
 from histolab.errors import HistolabError
 
 
@@ -34,35 +35,8 @@ class Entry:
         return asdict(self)
 
 
-def candidates(root: Path) -> list[Path]:
-    """Top-level folders and weight files in checkpoints/ (hidden entries skipped)."""
-    if not root.is_dir():
-        return []
-    out = []
-    for p in sorted(root.iterdir()):
-        if p.name.startswith((".", "_")):
-            continue
-        if p.is_dir() or (p.is_file() and p.suffix in WEIGHT_SUFFIXES):
-            out.append(p)
-    return out
-
-
-def find_by_name(root: Path, name: str) -> Path | None:
-    """The folder whose manifest.json has ``name``."""
-    for p in candidates(root):
-        if p.is_dir() and (p / MANIFEST_NAME).is_file():
-            try:
-                m = read_manifest(p)
-            except HistolabError:
-                continue
-            if m is not None and m.name == name:
-                return p
-    return None
-
-
 def scan(root: Path | None = None, base=None, runtime=None) -> list[Entry]:
     """Every adapter (and base model folder) in ``root``; with ``base``, whether each fits it."""
-    from histolab.adapters.runtime import default_runtime
     from histolab.config import Paths
 
     root = root or Paths.from_env().checkpoints

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from histolab.adapters.edit import ModelEdit
-from histolab.adapters.loader import LoadedAdapter, Located, locate, open_located
+from histolab.adapters.loader import LoadedAdapter, Located, find_by_name, locate, open_located
 from histolab.adapters.reference import EmbeddingCache
 from histolab.config import Paths
 from histolab.errors import AdapterError, InvalidRequest, ModelNotFound
@@ -68,8 +68,6 @@ class AdapterRuntime:
                 if self.config.only_checkpoints and root.resolve() not in p.resolve().parents:
                     break
                 return p
-        from histolab.adapters.registry import find_by_name
-
         found = find_by_name(root, text)
         if found is not None:
             return found
