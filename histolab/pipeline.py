@@ -17,84 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from histolab.base_model import BaseModel, assemble
 from histolab.config import EMBEDDED_BASE_DIR, EMBEDDED_BASE_ID, Paths
 from histolab.errors import InvalidRequest, ModelNotFound, OfflineError, UnsafeFile
-from histolab.files import sha256_file, short_hash, sniff
-
-# A conditioning mode beside text (e.g. "reference", added by the projector
-# adapter): fn(model, request, n) -> (cond, uncond, reference_hash, encoder_name),
-# cond/uncond of shape (n, tokens, cross_attention_dim) for classifier-free guidance.
-Conditioner = Callable[[Any, Any, int], tuple[Any, Any, str, str]]
-
-
-@dataclass
-class BaseModel:
-    """The components of one loaded base model, and what identifies it."""
-
-    source: str
-    hash: str  # sha256 over the weight files, in a fixed order
-    vae: Any
-    unet: Any
-    text_encoder: Any
-    tokenizer: Any
-    scheduler_config: dict[str, Any]
-    device: Any = "cpu"
-    dtype: Any = None
-    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
-    # Adapters currently applied (managed by histolab.adapters) and extra
-    # conditioning modes they provide (e.g. "reference" from the projector).
-    applied: list[Any] = field(default_factory=list)
-    conditioners: dict[str, Conditioner] = field(default_factory=dict)
-    # What optimize_for_inference changed (memory format, compile); for logs and benchmarks.
-    optimizations: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def short_hash(self) -> str:
-        return short_hash(self.hash)
-
-    @property
-    def name(self) -> str:
-        return EMBEDDED_BASE_ID if self.source == EMBEDDED_BASE_ID else Path(self.source).name or self.source
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def size_multiple(self) -> int:
-        """Width and height must be multiples of this: the VAE's factor times the U-Net's downsampling."""
-        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
-
-    @property
-    def default_size(self) -> int:
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
-
-    @property
-    def cross_attention_dim(self) -> int:
-        return int(self.unet.config.cross_attention_dim)
-
-    def encode_prompt(self, prompts: list[str]):
-        """CLIP text embeddings, padded to the tokenizer's length as SD 1.5 does."""
-        import torch
-
-        tok = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        with torch.inference_mode():
-            return self.text_encoder(tok.input_ids.to(self.device))[0].to(self.dtype)
-
-    def modules(self) -> dict[str, Any]:
-        return {"vae": self.vae, "unet": self.unet, "text_encoder": self.text_encoder}
+from histolab.files import sha256_file, sniff
 
 
 def optimize_for_inference(model: BaseModel, *, channels_last: bool | None = None, compile: bool = False) -> BaseModel:
@@ -253,33 +182,8 @@ def _load_folder(folder: Path, device: str, dtype) -> BaseModel:
         raise ModelNotFound(f"cannot load the pipeline in {folder}: {exc}") from exc
     sched_file = folder / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(sched_file.read_text()) if sched_file.exists() else {}
-    return _assemble(
+    return assemble(
         str(folder), folder_hash(folder), vae, unet, text_encoder, tokenizer, scheduler_config, device, dtype
-    )
-
-
-def _assemble(source, digest, vae, unet, text_encoder, tokenizer, scheduler_config, device, dtype) -> BaseModel:
-    for m in (vae, unet, text_encoder):
-        p = next(m.parameters())
-        if p.device != __import__("torch").device(device) or p.dtype != dtype:
-            m.to(device=device, dtype=dtype)
-        m.eval()
-        m.requires_grad_(False)
-    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
-        raise InvalidRequest(
-            f"text encoder width {text_encoder.config.hidden_size} does not match the U-Net's "
-            f"cross-attention width {unet.config.cross_attention_dim}"
-        )
-    return BaseModel(
-        source=source,
-        hash=digest,
-        vae=vae,
-        unet=unet,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler_config=scheduler_config,
-        device=device,
-        dtype=dtype,
     )
 
 

@@ -350,7 +350,7 @@ def load_single_file(path: str | Path, *, device: str = "cpu", dtype=None):
     """A ``BaseModel`` from a single-file SD 1.x checkpoint, decided by content, built offline."""
     import torch
 
-    from histolab.pipeline import _assemble
+    from histolab.base_model import assemble
 
     path = Path(path)
     dtype = dtype or torch.float32
@@ -394,7 +394,7 @@ def load_single_file(path: str | Path, *, device: str = "cpu", dtype=None):
         vae, unet, text_encoder = _build(arch, ckpt, _scaling_factor(arch, meta))
         tokenizer = _tokenizer(text_encoder)
         scheduler = _scheduler_config(arch, meta, path.name)
-        return _assemble(str(path), digest.result(), vae, unet, text_encoder, tokenizer, scheduler, device, dtype)
+        return assemble(str(path), digest.result(), vae, unet, text_encoder, tokenizer, scheduler, device, dtype)
 
 
 def _shapes_of_all(tensors) -> dict[str, tuple[int, ...]]:

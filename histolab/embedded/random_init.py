@@ -26,7 +26,7 @@ def random_base(arch: str | Architecture = "tiny", seed: int = 0, device: str = 
     import torch
     from transformers import CLIPTokenizer
 
-    from histolab.pipeline import _assemble
+    from histolab.base_model import assemble
 
     arch = ARCHITECTURES[arch] if isinstance(arch, str) else arch
     vae, unet, te = build_components(arch, seed)
@@ -36,7 +36,7 @@ def random_base(arch: str | Architecture = "tiny", seed: int = 0, device: str = 
         # SD 1.5's real vocabulary is not available offline; any CLIP-format
         # tokenizer gives the same shapes and timings (ids stay < vocab size).
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir())
-    return _assemble(
+    return assemble(
         f"random-{arch.name}-{seed}",
         f"random-{arch.name}-{seed}".encode().hex().ljust(64, "0")[:64],
         vae,

@@ -433,9 +433,9 @@ def model_from_state(work: Path, state_path: Path):
     """A BaseModel with the EMA weights of a U-Net training checkpoint (for validation)."""
     from transformers import CLIPTokenizer
 
+    from histolab.base_model import assemble
     from histolab.embedded.architecture import SD15_SCHEDULER
     from histolab.files import sha256_file
-    from histolab.pipeline import _assemble
 
     st = load_state(state_path)
     data = load_state(work / "latents.pt")
@@ -446,7 +446,7 @@ def model_from_state(work: Path, state_path: Path):
     ema.load_state_dict(st["ema"])
     ema.copy_to([unet, te])
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir(work))
-    return _assemble(
+    return assemble(
         str(state_path), sha256_file(state_path), vae, unet, te, tokenizer, dict(SD15_SCHEDULER), "cpu", torch.float32
     )
 
