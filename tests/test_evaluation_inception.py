@@ -13,9 +13,10 @@ from PIL import Image
 
 from histolab.errors import UnsafeFile
 from histolab.evaluation.extractors import INCEPTION_SIZE, InceptionExtractor, resize_for_inception
-from histolab.evaluation.inception_net import FIDInceptionV3, build_fid_inception, conv_layers, load_logits_head
+from histolab.evaluation.inception_net import FIDInceptionV3, conv_layers, load_logits_head
 from histolab.evaluation.inception_weights import (
     DEFAULT_1_SHA256,
+    build_fid_inception,
     default_1_state_dict,
     locate_default_1,
     read_torchscript_tensors,

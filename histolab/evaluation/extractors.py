@@ -55,8 +55,8 @@ class InceptionExtractor:
     def __init__(self, device: str = "cpu", logits_head: str | None = None, model=None):
         import torch
 
-        from histolab.evaluation.inception_net import build_fid_inception, load_logits_head
-        from histolab.evaluation.inception_weights import DEFAULT_1_SHA256
+        from histolab.evaluation.inception_net import load_logits_head
+        from histolab.evaluation.inception_weights import DEFAULT_1_SHA256, build_fid_inception
 
         self.device = torch.device(device)
         self.model = (model or build_fid_inception()).to(self.device)

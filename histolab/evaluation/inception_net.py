@@ -209,50 +209,6 @@ def conv_layers(model: nn.Module) -> list[tuple[str, ConvBN]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ConvBN)]
 
 
-def convert_fid_helper_state(flat: dict) -> dict[str, torch.Tensor]:
-    """Map default_1.pt's flat tensors (``net.layers.<tf name>.<field>``) onto FIDInceptionV3's state dict.
-
-    Mapping is by name; every shape, stride and padding is checked, and no
-    tensor of the file may be left over.
-    """
-    model = FIDInceptionV3()
-    prefix = "net.layers."
-    out: dict[str, torch.Tensor] = {}
-    used = set()
-    for name, layer in conv_layers(model):
-        for field in ("weight", "beta", "mean", "var"):
-            key = f"{prefix}{name}.{field}"
-            src = flat.get(key)
-            want = getattr(layer, field).shape
-            if not isinstance(src, torch.Tensor) or src.shape != want:
-                got = tuple(src.shape) if isinstance(src, torch.Tensor) else src
-                raise UnsafeFile(f"default_1.pt: {key} is {got}, expected shape {tuple(want)}")
-            out[f"{name}.{field}"] = src.detach().to(torch.float32).contiguous()
-            used.add(key)
-        stride, padding = flat.get(f"{prefix}{name}.stride"), flat.get(f"{prefix}{name}.padding")
-        padding = tuple(padding) if isinstance(padding, list) else (padding, padding)
-        if stride != layer.stride or padding != layer.padding:
-            raise UnsafeFile(
-                f"default_1.pt: {name} has stride {stride} padding {padding}, "
-                f"not the FID graph's {layer.stride} {layer.padding}"
-            )
-        used.update({f"{prefix}{name}.stride", f"{prefix}{name}.padding"})
-    extra = [k for k, v in flat.items() if k not in used and isinstance(v, torch.Tensor)]
-    if extra:
-        raise UnsafeFile(f"default_1.pt: tensors not in the FID graph: {extra[:5]}")
-    return out
-
-
-def build_fid_inception(state: dict[str, torch.Tensor] | None = None) -> FIDInceptionV3:
-    """The network with the FID weights (from default_1.pt through the cache unless ``state`` is given)."""
-    from histolab.evaluation.inception_weights import default_1_state_dict
-
-    model = FIDInceptionV3()
-    model.load_state_dict(state if state is not None else default_1_state_dict(), strict=True)
-    model.eval().requires_grad_(False)
-    return model
-
-
 def load_logits_head(model: FIDInceptionV3, path) -> None:
     """Attach the 1008-class softmax weights for the Inception Score.
 

@@ -165,8 +165,6 @@ def _flatten(obj, prefix: str, out: dict) -> None:
 
 def default_1_state_dict(path: str | Path | None = None) -> dict:
     """Our module's state dict from default_1.pt, via the safetensors cache."""
-    from histolab.evaluation.inception_net import convert_fid_helper_state
-
     src = Path(path) if path is not None else locate_default_1()
     digest = sha256_file(src)
     if path is None and digest != DEFAULT_1_SHA256:
@@ -197,3 +195,55 @@ def _save_atomic(tensors: dict, dest: Path, metadata: dict) -> None:
     except OSError:
         # A read-only home (some Spaces): the conversion is cheap (a second), so carry on uncached.
         pass
+
+
+# The conversion and the assembled network live here, beside the file reader: the network
+# module (inception_net) stays a plain nn.Module definition that imports nothing of ours.
+
+
+def convert_fid_helper_state(flat: dict) -> dict:
+    """Map default_1.pt's flat tensors (``net.layers.<tf name>.<field>``) onto FIDInceptionV3's state dict.
+
+    Mapping is by name; every shape, stride and padding is checked, and no
+    tensor of the file may be left over.
+    """
+    import torch
+
+    from histolab.evaluation.inception_net import FIDInceptionV3, conv_layers
+
+    model = FIDInceptionV3()
+    prefix = "net.layers."
+    out: dict[str, torch.Tensor] = {}
+    used = set()
+    for name, layer in conv_layers(model):
+        for field in ("weight", "beta", "mean", "var"):
+            key = f"{prefix}{name}.{field}"
+            src = flat.get(key)
+            want = getattr(layer, field).shape
+            if not isinstance(src, torch.Tensor) or src.shape != want:
+                got = tuple(src.shape) if isinstance(src, torch.Tensor) else src
+                raise UnsafeFile(f"default_1.pt: {key} is {got}, expected shape {tuple(want)}")
+            out[f"{name}.{field}"] = src.detach().to(torch.float32).contiguous()
+            used.add(key)
+        stride, padding = flat.get(f"{prefix}{name}.stride"), flat.get(f"{prefix}{name}.padding")
+        padding = tuple(padding) if isinstance(padding, list) else (padding, padding)
+        if stride != layer.stride or padding != layer.padding:
+            raise UnsafeFile(
+                f"default_1.pt: {name} has stride {stride} padding {padding}, "
+                f"not the FID graph's {layer.stride} {layer.padding}"
+            )
+        used.update({f"{prefix}{name}.stride", f"{prefix}{name}.padding"})
+    extra = [k for k, v in flat.items() if k not in used and isinstance(v, torch.Tensor)]
+    if extra:
+        raise UnsafeFile(f"default_1.pt: tensors not in the FID graph: {extra[:5]}")
+    return out
+
+
+def build_fid_inception(state: dict | None = None):
+    """The network with the FID weights (from default_1.pt through the cache unless ``state`` is given)."""
+    from histolab.evaluation.inception_net import FIDInceptionV3
+
+    model = FIDInceptionV3()
+    model.load_state_dict(state if state is not None else default_1_state_dict(), strict=True)
+    model.eval().requires_grad_(False)
+    return model
