@@ -46,8 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from histolab.errors import Cancelled, InvalidRequest
-from histolab.generation import GenerationRequest, _is_cancelled, generate
+from histolab.errors import Cancelled, InvalidRequest, is_cancelled
+from histolab.generation import GenerationRequest, generate
 from histolab.recipe import JSON_KEY, Recipe, pnginfo
 
 MANIFEST = "run.json"
@@ -302,7 +302,7 @@ def run_worker(
     if progress is not None:
         progress(result.done, len(owned))
     for start in range(0, len(todo), req.batch_size):
-        if _is_cancelled(cancel):
+        if is_cancelled(cancel):
             raise Cancelled(f"generation cancelled after {result.done} of {len(owned)} images")
         chunk = todo[start : start + req.batch_size]
         try:

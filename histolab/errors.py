@@ -36,6 +36,18 @@ class Cancelled(HistolabError):
     """Work was cancelled by the user."""
 
 
+def is_cancelled(cancel) -> bool:
+    """Whether a cancel signal is set: None (never), a ``threading.Event``, or a callable.
+
+    One definition for the generation engine, batch runs and the training loop, beside the
+    exception they raise when it is."""
+    if cancel is None:
+        return False
+    if hasattr(cancel, "is_set"):
+        return bool(cancel.is_set())
+    return bool(cancel())
+
+
 class TrainingError(HistolabError):
     """Training stopped (out of memory, disk full, a NaN loss, ...); the message says where the last good checkpoint is."""
 

@@ -252,14 +252,14 @@ class HypernetworkTrainConfig(TrainConfig):
 
     def check(self) -> HypernetworkTrainConfig:
         super().check()
-        from histolab.adapters.hypernetwork import _ACTIVATIONS
+        from histolab.adapters.hypernetwork import ACTIVATIONS
 
         ls = self.layer_structure
         if not (isinstance(ls, list) and len(ls) >= 2 and all(isinstance(x, int | float) and x > 0 for x in ls)):
             raise InvalidRequest(f"`layer_structure` must be a list of positive numbers but is {ls!r}")
         if ls[0] != 1 or ls[-1] != 1:
             raise InvalidRequest(f"`layer_structure` must start and end with 1 but is {ls!r}")
-        if self.activation_func not in ("linear", *_ACTIVATIONS):
+        if self.activation_func not in ("linear", *ACTIVATIONS):
             raise InvalidRequest(
                 f"`activation_func` {self.activation_func!r} is not one SD-webui knows (e.g. linear, relu, swish)"
             )

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from histolab.errors import InvalidRequest, TrainingError
+from histolab.errors import InvalidRequest, TrainingError, is_cancelled
 from histolab.training import checkpoint as ckpt
 from histolab.training.config import TrainConfig, config_from_dict
 from histolab.training.progress import Meter, Progress
@@ -104,14 +104,6 @@ def step_seeds(seed: int, step: int, micro: int, rank: int) -> tuple[int, int]:
 
     a, b = np.random.SeedSequence([seed, step, micro, rank]).generate_state(2, dtype=np.uint64)
     return int(a) >> 1, int(b) >> 1
-
-
-def _is_cancelled(cancel) -> bool:
-    if cancel is None:
-        return False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set()
-    return bool(cancel())
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -451,7 +443,7 @@ class Run:
 
     def _cancel_requested(self) -> bool:
         """Every process must stop at the same step: with several, any one's request counts for all."""
-        want = _is_cancelled(self.cancel)
+        want = is_cancelled(self.cancel)
         if self.acc.num_processes == 1:
             return want
         import torch

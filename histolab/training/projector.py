@@ -85,10 +85,10 @@ class ProjectorTrainer(Trainer):
         from safetensors.torch import load_file, save_file
 
         from histolab.training.state import atomic_write
-        from histolab.training.trainer import _images_digest, dihedral
+        from histolab.training.trainer import dihedral, images_digest
 
         enc = self.encoder
-        key = self.cache_key(enc.name, str(enc.weights_hash), _images_digest(self.data.images), self.transforms)
+        key = self.cache_key(enc.name, str(enc.weights_hash), images_digest(self.data.images), self.transforms)
         path = self.workdir / f"embeddings-{key}.safetensors"
         if path.is_file():
             return load_file(str(path))["embeddings"]

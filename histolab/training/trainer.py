@@ -217,7 +217,7 @@ class Trainer:
         """
         from safetensors.torch import load_file, save_file
 
-        key = self.cache_key(self.model.hash, name, _images_digest(images), self.resolution, self.transforms)
+        key = self.cache_key(self.model.hash, name, images_digest(images), self.resolution, self.transforms)
         path = self.workdir / f"latents-{name}-{key}.safetensors"
         if path.is_file():
             d = load_file(str(path))
@@ -317,7 +317,7 @@ class Trainer:
                 m.to(dtype=self.weight_dtype)
 
 
-def _images_digest(images: list[Image.Image]) -> str:
+def images_digest(images: list[Image.Image]) -> str:
     h = hashlib.sha256()
     for im in images:
         h.update(f"{im.mode}{im.size}".encode())
