@@ -27,7 +27,7 @@ N_SLIDERS, N_RANKS = 12, 8
 
 @pytest.fixture(scope="module")
 def study(tiny_model, tmp_path_factory):
-    from histolab.review.demo import write_generated_set
+    from histolab.cli.demo_data import write_generated_set
 
     root = tmp_path_factory.mktemp("review")
     services = make_services(root, tiny_model)

@@ -42,7 +42,7 @@ WAIT = 60_000  # ms; the tiny model answers in well under a second, the margin i
 
 @pytest.fixture(scope="module")
 def env(tiny_model, tmp_path_factory):
-    from histolab.review.demo import write_generated_set
+    from histolab.cli.demo_data import write_generated_set
 
     if not Path(CHROMIUM).exists():
         pytest.fail(

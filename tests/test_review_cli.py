@@ -50,7 +50,7 @@ def _rate_all(store, study_id, rater, rng, stop_after=None):
 
 @pytest.mark.slow
 def test_example_study_end_to_end(tmp_path, tiny_model, capsys):
-    from histolab.review.demo import write_demo_sources
+    from histolab.cli.demo_data import write_demo_sources
 
     shutil.copy(EXAMPLE, tmp_path / "study.yaml")
     # Generated sets from the real generator (a tiny seeded model, 1 step): PNGs with their recipes.

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from histolab.review.study import reset_rater_code, set_status
 
     if args.action == "demo-data":
-        from histolab.review.demo import write_demo_sources
+        from histolab.cli.demo_data import write_demo_sources
 
         out = write_demo_sources(args.out, per_class=args.per_class, steps=args.steps)
         print(f"wrote demo sources to {out}: " + ", ".join(sorted(p.name for p in out.iterdir() if p.is_dir())))
