@@ -53,6 +53,10 @@ class BaseModel:
     conditioners: dict[str, Conditioner] = field(default_factory=dict)
     # What optimize_for_inference changed (memory format, compile); for logs and benchmarks.
     optimizations: dict[str, Any] = field(default_factory=dict)
+    # Embeddings of recent prompts (histolab.prompt_cache); the key sees adapters and weight edits.
+    prompt_cache: Any = field(default=None, repr=False)
+    # The U-Net as frozen graphs (histolab.traced), set by optimize_for_inference(trace=True).
+    traced_unet: Any = field(default=None, repr=False)
 
     @property
     def short_hash(self) -> str:
@@ -93,11 +97,21 @@ class BaseModel:
         with torch.inference_mode():
             return self.text_encoder(tok.input_ids.to(self.device))[0].to(self.dtype)
 
+    def prompt_embedding(self, prompt: str):
+        """``encode_prompt([prompt])``, from the cache when nothing it depends on changed."""
+        if self.prompt_cache is None:
+            from histolab.prompt_cache import PromptCache
+
+            self.prompt_cache = PromptCache()
+        return self.prompt_cache.get(self, prompt, self.encode_prompt)
+
     def modules(self) -> dict[str, Any]:
         return {"vae": self.vae, "unet": self.unet, "text_encoder": self.text_encoder}
 
 
-def optimize_for_inference(model: BaseModel, *, channels_last: bool | None = None, compile: bool = False) -> BaseModel:
+def optimize_for_inference(
+    model: BaseModel, *, channels_last: bool | None = None, compile: bool = False, trace: bool | None = None
+) -> BaseModel:
     """Speed settings for generation; results stay deterministic for a given setting.
 
     ``channels_last`` (None: decide by device): NHWC is the native layout of
@@ -112,6 +126,12 @@ def optimize_for_inference(model: BaseModel, *, channels_last: bool | None = Non
     ``compile``: ``torch.compile`` the U-Net in place (``nn.Module.compile``
     keeps the module, its config and its adapter hooks); the first call then
     takes seconds to minutes, later ones run faster on GPUs.
+
+    ``trace`` (None: on for a bfloat16 model on CPU, the fast path of
+    histolab.precision): run the U-Net as frozen TorchScript graphs
+    (histolab.traced), the same kernels without diffusers' Python; about a
+    second to trace per batch shape, the same output bits as eager. Off for
+    float32, which keeps today's eager path.
     """
     import torch
 
@@ -123,9 +143,19 @@ def optimize_for_inference(model: BaseModel, *, channels_last: bool | None = Non
         m.to(memory_format=fmt)
     if compile and not model.optimizations.get("compile"):
         model.unet.compile()
+    compiled = bool(compile or model.optimizations.get("compile"))
+    if trace is None:
+        trace = device_type == "cpu" and model.dtype == torch.bfloat16 and not channels_last
+    if trace and not compiled:
+        from histolab.traced import TracedUNet
+
+        model.traced_unet = model.traced_unet or TracedUNet()
+    else:
+        model.traced_unet = None
     model.optimizations = {
         "channels_last": bool(channels_last),
-        "compile": bool(compile or model.optimizations.get("compile")),
+        "compile": compiled,
+        "trace": model.traced_unet is not None,
     }
     return model
 
@@ -143,18 +173,11 @@ def resolve_device(name: str = "auto", process_device=None) -> str:
 
 
 def resolve_dtype(name: str, device: str):
-    """``auto``: float32 on CPU (half-precision matmuls are slow there); on GPUs bfloat16 where
-    supported (as fast as float16 on tensor cores, and its range cannot overflow with strong
-    adapters), else float16."""
-    import torch
+    """``auto``: see histolab.precision (bfloat16 on GPUs that support it and on CPUs with
+    native bfloat16 instructions, float16 on other GPUs, float32 elsewhere)."""
+    from histolab.precision import resolve_dtype as resolve
 
-    if name != "auto":
-        if name not in ("float32", "float16", "bfloat16"):
-            raise InvalidRequest(f"dtype must be auto, float32, float16 or bfloat16 but is {name!r}")
-        return getattr(torch, name)
-    if torch.device(device).type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return resolve(name, device)
 
 
 # ----------------------------------------------------------------- loading
