@@ -16,7 +16,15 @@ Profiles (``--profile auto`` picks gpu when CUDA is available):
 * ``cpu``: the embedded default at 64x64, 25 steps, guidance 7.5, DPM++ 2M
   Karras, batch 1 and 4, float32. If checkpoints/embedded-base is absent the
   EMBEDDED architecture with random weights is used (it times the same) and
-  the header says so. The engine is measured with and without channels_last.
+  the header says so. The engine is measured with and without channels_last,
+  and on its ``--dtype auto`` path (histolab.precision: bfloat16 networks and a
+  traced U-Net on CPUs with avx512_bf16/AMX); a line after the table gives that
+  path's time divided by plain diffusers' float32 time (the CPU fast path's
+  target is at most 0.5). Then ``python app.py`` is started in a subprocess,
+  and a visitor asks for 4 images at 15 steps as soon as the page answers:
+  seconds from the process's start to the page and to the images, with the
+  model loaded on the first request in float32 (as before) and with the model
+  preloaded in the background on the auto path (``--startup off`` skips it).
 * ``gpu``: SD-1.5-shaped random-init networks at 512x512, 30 steps, guidance
   7.5, batch 1 and 8, fp16 and bf16. Also prints the fraction of the compute
   floor reached: per image, steps x 2 (guided) U-Net passes + one VAE decode,
