@@ -40,3 +40,9 @@ def test_bootstrap_fid_equals_the_library_fid(bench, n_gen):
     assert fb.fid(proj, idx) == pytest.approx(
         library_fid(real, gen[idx]), rel=1e-6
     )  # eigenvalue rounding near 0, amplified by the square root
+
+
+def test_interval_keeps_the_spread_and_removes_the_bias(bench):
+    xs = np.linspace(10.0, 20.0, 1001)  # bootstrap values centred on 15, the estimate is 12: bias +3
+    lo, hi = (float(v) for v in bench.interval(12.0, xs).strip("[]").split(","))
+    assert lo == pytest.approx(10.25 - 3, abs=0.01) and hi == pytest.approx(19.75 - 3, abs=0.01)
