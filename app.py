@@ -6,7 +6,7 @@ import os
 
 
 def main() -> None:
-    from histolab.ui import AppSettings, Services, build_app, launch_options
+    from histolab.ui import AppSettings, Services
     from histolab.ui.spaces import on_space, zero_gpu
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -20,6 +20,10 @@ def main() -> None:
     services = Services(settings)
     if zero_gpu() and not services.base_problem():
         services.model(settings.base)  # ZeroGPU moves a model loaded at start-up onto the GPU of each call
+    elif settings.preload:
+        services.start_preload()  # in the background while the page is built; the status line shows its state
+    from histolab.ui import build_app, launch_options  # imports gradio: after the preload has started
+
     app = build_app(services)
     app.launch(**launch_options(settings, services=services))
 

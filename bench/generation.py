@@ -16,7 +16,15 @@ Profiles (``--profile auto`` picks gpu when CUDA is available):
 * ``cpu``: the embedded default at 64x64, 25 steps, guidance 7.5, DPM++ 2M
   Karras, batch 1 and 4, float32. If checkpoints/embedded-base is absent the
   EMBEDDED architecture with random weights is used (it times the same) and
-  the header says so. The engine is measured with and without channels_last.
+  the header says so. The engine is measured with and without channels_last,
+  and on its ``--dtype auto`` path (histolab.precision: bfloat16 networks and a
+  traced U-Net on CPUs with avx512_bf16/AMX); a line after the table gives that
+  path's time divided by plain diffusers' float32 time (the CPU fast path's
+  target is at most 0.5). Then ``python app.py`` is started in a subprocess,
+  and a visitor asks for 4 images at 15 steps as soon as the page answers:
+  seconds from the process's start to the page and to the images, with the
+  model loaded on the first request in float32 (as before) and with the model
+  preloaded in the background on the auto path (``--startup off`` skips it).
 * ``gpu``: SD-1.5-shaped random-init networks at 512x512, 30 steps, guidance
   7.5, batch 1 and 8, fp16 and bf16. Also prints the fraction of the compute
   floor reached: per image, steps x 2 (guided) U-Net passes + one VAE decode,
@@ -74,6 +82,10 @@ class Settings:
     peak_tflops: float
     threads: int
     layout_calls: int
+    auto: bool = True
+    startup: bool = False
+    startup_steps: int = 15
+    startup_images: int = 4
 
 
 def parse_args(argv=None) -> Settings:
@@ -97,6 +109,20 @@ def parse_args(argv=None) -> Settings:
         help="engine memory format: measure both, force one, or optimize_for_inference's choice",
     )
     p.add_argument("--compile", action="store_true", help="also time the engine with a torch.compile'd U-Net")
+    p.add_argument(
+        "--no-auto",
+        dest="auto",
+        action="store_false",
+        help="cpu profile: skip the engine's --dtype auto path (bfloat16 + traced U-Net where the CPU supports it)",
+    )
+    p.add_argument(
+        "--startup",
+        choices=("on", "off"),
+        default=None,
+        help="time app start to first image (python app.py in a subprocess, preloaded vs lazy; cpu profile: on)",
+    )
+    p.add_argument("--startup-steps", type=int, default=15, help="steps of the first request in the start-up timing")
+    p.add_argument("--startup-images", type=int, default=4, help="images of the first request in the start-up timing")
     p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS, help="device peak for the compute floor")
     p.add_argument(
         "--layout-calls", type=int, default=40, help="alternating network calls for the memory-format comparison"
@@ -121,6 +147,10 @@ def parse_args(argv=None) -> Settings:
         peak_tflops=a.peak_tflops,
         threads=a.threads,
         layout_calls=a.layout_calls,
+        auto=a.auto,
+        startup=(a.startup or ("off" if gpu else "on")) == "on",
+        startup_steps=a.startup_steps,
+        startup_images=a.startup_images,
     )
 
 
@@ -221,8 +251,9 @@ def max_pixel_diff(a, b) -> int:
     return max(int(np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16)).max()) for x, y in zip(a, b, strict=True))
 
 
-def measure(s: Settings, model, pipe, variants, bs: int, floor, sync) -> list[str]:
-    """Time every variant at batch size ``bs``, interleaved; one printed line per variant."""
+def measure(s: Settings, model, pipe, variants, bs: int, floor, sync) -> tuple[list[str], dict[str, float]]:
+    """Time every variant at batch size ``bs``, interleaved; one printed line per variant, and the
+    median seconds per call of each."""
     from histolab.generation import GenerationRequest
     from histolab.pipeline import optimize_for_inference
 
@@ -281,7 +312,7 @@ def measure(s: Settings, model, pipe, variants, bs: int, floor, sync) -> list[st
         if floor is not None:
             line += f"{floor * bs / med:>10.1%}"
         lines.append(line)
-    return lines
+    return lines, {label: statistics.median(wall[label]) for label, _, _ in variants}
 
 
 def on_gpu(s: Settings) -> bool:
@@ -330,6 +361,101 @@ def layout_lines(model, s: Settings, bs: int, sync, calls: int = 40) -> list[str
     return lines
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def time_startup(s: Settings, preload: bool, dtype: str) -> tuple[float, float]:
+    """``python app.py`` in a subprocess; a visitor asks for the first images as soon as the page answers.
+    Returns (seconds to the page answering, seconds to the first images), both from the process's start."""
+    import subprocess
+    import tempfile
+    import urllib.request
+
+    from gradio_client import Client  # imported before the clock starts: the visitor's side
+
+    root = Path(__file__).resolve().parent.parent
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    with tempfile.TemporaryDirectory(prefix="histolab-startup-") as data:
+        env = {
+            **os.environ,
+            "GRADIO_SERVER_PORT": str(port),
+            "GRADIO_SERVER_NAME": "127.0.0.1",
+            "HISTOLAB_DATA_DIR": data,
+            "HISTOLAB_PRELOAD": "1" if preload else "0",
+            "HISTOLAB_DTYPE": dtype,
+            "HISTOLAB_DEVICE": s.device,
+        }
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, str(root / "app.py")], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        try:
+            while True:  # poll the page the way a browser retrying would
+                if proc.poll() is not None:
+                    raise RuntimeError(f"app.py exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+                try:
+                    with urllib.request.urlopen(url, timeout=5) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    time.sleep(0.05)
+            up = time.perf_counter() - t0
+            client = Client(url, verbose=False)
+            args = ["embedded", "prompt", PROMPT, NEGATIVE, None] + ["(none)", 1.0] * 3
+            args += [s.startup_steps, s.guidance, s.scheduler, 0, s.startup_images, "(none)"]
+            gallery = client.predict(*args, api_name="/generate")[0]
+            first = time.perf_counter() - t0
+            if len(gallery) != s.startup_images:
+                raise RuntimeError(f"the app returned {len(gallery)} images, not {s.startup_images}")
+            return up, first
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def startup_lines(s: Settings) -> list[str]:
+    lines = [
+        f"app start to first image: python app.py, then {s.startup_images} images at {s.startup_steps} steps "
+        "asked for as soon as the page answers (seconds from the process's start)"
+    ]
+    for label, preload, dtype in (
+        ("model loaded on the first request, float32 (before)", False, "float32"),
+        ("model preloaded in the background, dtype auto", True, "auto"),
+    ):
+        up, first = time_startup(s, preload, dtype)
+        lines.append(f"  {label:<56} page up {up:6.2f} s   first image {first:6.2f} s")
+    return lines
+
+
+def variants_labels(variants) -> list[str]:
+    return [v[0] for v in variants]
+
+
+def auto_engine(s: Settings):
+    """The engine as ``--dtype auto`` sets it up on this machine (histolab.precision): (model, label)."""
+    from histolab.pipeline import optimize_for_inference
+    from histolab.precision import auto_dtype_name, detect_cpu_bf16
+
+    cpu = detect_cpu_bf16()
+    print(f"--dtype auto on {s.device}: {cpu.describe() if s.device == 'cpu' else auto_dtype_name(s.device)}")
+    import torch
+
+    model, _ = build_model(s, getattr(torch, auto_dtype_name(s.device, cpu)))
+    optimize_for_inference(model)
+    name = str(model.dtype).removeprefix("torch.")
+    extras = [name] + (["traced"] if model.optimizations.get("trace") else [])
+    return model, "engine auto (" + ", ".join(extras) + ")"
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -358,6 +484,10 @@ def main(argv=None) -> int:
         variants = [("diffusers", False, None)] + [
             ("engine" + ("+channels_last" if cl else ""), cl, model) for cl in layouts
         ]
+        auto_label = ""
+        if s.auto and not gpu and dtype_name == "float32":
+            auto_model, auto_label = auto_engine(s)
+            variants.append((auto_label, False, auto_model))
         if s.compile:
             # Its own copies of the networks: compiling and layout changes stay out of the other variants.
             compiled = replace(
@@ -376,9 +506,18 @@ def main(argv=None) -> int:
         header += "" if cuda else f"{'by CPU time':>12}"
         print(header + f"{'max |diff|':>12}" + (f"{'of floor':>10}" if floor is not None else ""))
 
+        medians = {}
         for bs in s.batch_sizes:
-            for line in measure(s, model, pipe, variants, bs, floor, sync):
+            lines, medians[bs] = measure(s, model, pipe, variants, bs, floor, sync)
+            for line in lines:
                 print(line, flush=True)
+        if auto_label in variants_labels(variants):
+            print(
+                f"engine auto path ({auto_label}) time / plain diffusers {dtype_name} time, medians: "
+                + ", ".join(f"batch {bs}: {medians[bs][auto_label] / medians[bs]['diffusers']:.2f}" for bs in medians)
+                + " (target <= 0.5)",
+                flush=True,
+            )
         if s.channels_last == "both":
             print(
                 f"memory format, per network call ({s.layout_calls} alternating calls each, medians; "
@@ -388,6 +527,10 @@ def main(argv=None) -> int:
                 for line in layout_lines(model, s, bs, sync, s.layout_calls):
                     print(line, flush=True)
         del model, pipe, variants
+    if s.startup:
+        print()
+        for line in startup_lines(s):
+            print(line, flush=True)
     return 0
 
 

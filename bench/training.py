@@ -99,19 +99,23 @@ def child_ours(args) -> dict:
         samples_per_class=0,
         validation="none",
         lr_schedule="constant",
+        mixed_precision=args.precision,  # "no": fp32; "auto": bf16 autocast where the CPU has it (tiny-* presets)
     ).check()
     marks: list[tuple[int, float]] = []
+    losses: list[float] = []
     t0 = time.perf_counter()
 
     def progress(p):
         if p.phase == "training":
             marks.append((p.step, time.perf_counter()))
+            losses.append(p.loss)
 
     with tempfile.TemporaryDirectory() as tmp:
         train(cfg, base=model, data="bundled", out=Path(tmp) / "run", progress=progress, log=None, device="cpu")
     step_s = steady(marks, args.warmup)
     first = dict(marks)[1]
     return {
+        "losses": losses,
         "step_s": step_s,
         "samples_per_s": args.batch / step_s,
         "setup_s": first - t0 - step_s,  # model on device, data, cached latents and text embeddings
@@ -288,10 +292,28 @@ def child_gpu(args) -> dict:
     return out
 
 
+def loss_lines(a: list[float], b: list[float]) -> list[str]:
+    """The two precisions' loss curves (same seeds, so the same images, noise and timesteps each step)."""
+    import numpy as np
+
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    n = min(len(x), len(y))
+    x, y = x[:n], y[:n]
+    corr = float(np.corrcoef(x, y)[0, 1]) if n > 2 else float("nan")
+    out = [
+        f"loss curves, fp32 vs mixed_precision auto, {n} steps (the loop's running mean per step, same seeds): "
+        f"max |diff| {np.abs(x - y).max():.5f} ({np.abs(x - y).max() / np.abs(x).mean():.2%} of the mean loss), "
+        f"correlation {corr:.4f}"
+    ]
+    for i in sorted({0, n // 4, n // 2, 3 * n // 4, n - 1}):
+        out.append(f"  step {i + 1:>3}: fp32 {x[i]:.5f}   auto {y[i]:.5f}")
+    return out
+
+
 CHILDREN = {"ours": child_ours, "reference": child_reference, "gpu": child_gpu, "gpu-smoke": child_gpu}
 
 
-def run_child(name: str, args) -> dict:
+def run_child(name: str, args, precision: str = "no") -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -309,6 +331,8 @@ def run_child(name: str, args) -> dict:
         str(args.threads),
         "--arch",
         args.arch,
+        "--precision",
+        precision,
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -325,6 +349,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank (CPU comparison)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads in each child")
     ap.add_argument("--arch", default="embedded", help="architecture for the CPU comparison")
+    ap.add_argument("--precision", default="no", help=argparse.SUPPRESS)  # the child's mixed_precision
+    ap.add_argument(
+        "--no-bf16", dest="bf16", action="store_false", help="skip histolab's trainer with mixed_precision auto"
+    )
     ap.add_argument("--gpu", action="store_true", help="also the foundation-embedding trainer at SD 1.5 scale (CUDA)")
     ap.add_argument("--gpu-smoke", action="store_true", help="only the GPU path at tiny scale on the CPU")
     ap.add_argument("--child", default=None, choices=list(CHILDREN), help=argparse.SUPPRESS)
@@ -337,19 +365,36 @@ def main(argv=None) -> int:
         r = run_child("gpu-smoke", args)
         print(f"GPU path at tiny scale on the CPU (checks the code runs; not a measurement): {json.dumps(r)}")
         return 0
+    from histolab.precision import detect_cpu_bf16
+
+    print(f"mixed_precision auto on this CPU: {detect_cpu_bf16().describe().replace('networks', 'autocast')}")
     ours = run_child("ours", args)
     ref = run_child("reference", args)
+    fast = run_child("ours", args, "auto") if args.bf16 else None
     print(
         f"\nLoRA training, {args.arch} architecture (random weights), batch {args.batch}, rank {args.rank} on "
-        f"to_q/k/v/out, fp32, CPU ({args.threads} threads); {args.steps} timed steps after {args.warmup} warm-up"
+        f"to_q/k/v/out, CPU ({args.threads} threads); {args.steps} timed steps after {args.warmup} warm-up"
     )
-    print(f"{'':34}{'samples/s':>10}{'s/step':>9}{'setup s':>9}{'peak RSS MB':>13}")
-    for name, r in (("histolab LoRA trainer", ours), ("diffusers reference loop", ref)):
-        print(f"{name:34}{r['samples_per_s']:>10.2f}{r['step_s']:>9.3f}{r['setup_s']:>9.1f}{r['peak_rss_mb']:>13.0f}")
+    print(f"{'':44}{'samples/s':>10}{'s/step':>9}{'setup s':>9}{'peak RSS MB':>13}{'vs reference':>14}")
+    rows = [("histolab LoRA trainer, fp32", ours), ("diffusers reference loop, fp32", ref)]
+    if fast is not None:
+        rows.append(("histolab LoRA trainer, mixed_precision auto", fast))
+    for name, r in rows:
+        print(
+            f"{name:44}{r['samples_per_s']:>10.2f}{r['step_s']:>9.3f}{r['setup_s']:>9.1f}{r['peak_rss_mb']:>13.0f}"
+            f"{r['samples_per_s'] / ref['samples_per_s']:>14.2f}"
+        )
     print(
-        f"{'ratio histolab / reference':34}{ours['samples_per_s'] / ref['samples_per_s']:>10.2f}{'':9}{'':9}"
-        f"{ours['peak_rss_mb'] / ref['peak_rss_mb']:>13.2f}"
+        f"ratio histolab fp32 / reference: samples/s {ours['samples_per_s'] / ref['samples_per_s']:.2f}, "
+        f"peak RSS {ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}"
     )
+    if fast is not None:
+        print(
+            f"ratio histolab mixed_precision auto / reference: samples/s "
+            f"{fast['samples_per_s'] / ref['samples_per_s']:.2f}"
+        )
+        for line in loss_lines(ours["losses"], fast["losses"]):
+            print(line)
     if args.gpu:
         g = run_child("gpu", args)
         print(

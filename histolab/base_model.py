@@ -44,6 +44,10 @@ class BaseModel:
     conditioners: dict[str, Conditioner] = field(default_factory=dict)
     # What optimize_for_inference changed (memory format, compile); for logs and benchmarks.
     optimizations: dict[str, Any] = field(default_factory=dict)
+    # Embeddings of recent prompts (histolab.prompt_cache); the key sees adapters and weight edits.
+    prompt_cache: Any = field(default=None, repr=False)
+    # The U-Net as frozen graphs (histolab.traced), set by optimize_for_inference(trace=True).
+    traced_unet: Any = field(default=None, repr=False)
 
     @property
     def short_hash(self) -> str:
@@ -83,6 +87,14 @@ class BaseModel:
         )
         with torch.inference_mode():
             return self.text_encoder(tok.input_ids.to(self.device))[0].to(self.dtype)
+
+    def prompt_embedding(self, prompt: str):
+        """``encode_prompt([prompt])``, from the cache when nothing it depends on changed."""
+        if self.prompt_cache is None:
+            from histolab.prompt_cache import PromptCache
+
+            self.prompt_cache = PromptCache()
+        return self.prompt_cache.get(self, prompt, self.encode_prompt)
 
     def modules(self) -> dict[str, Any]:
         return {"vae": self.vae, "unet": self.unet, "text_encoder": self.text_encoder}

@@ -23,6 +23,7 @@ from PIL import Image
 
 from histolab.adapters.spec import AdapterSpec
 from histolab.errors import Cancelled, InvalidRequest, is_cancelled
+from histolab.precision import dtype_name
 from histolab.recipe import AdapterUse, Recipe
 from histolab.schedulers import build_scheduler, check_name
 
@@ -107,9 +108,11 @@ class GeneratedImage:
 def text_conditioning(model, request: GenerationRequest, n: int):
     """(cond, uncond) for ``n`` images: each prompt encoded once (batch of one) and
     repeated, so the embeddings are the same bits whatever ``n`` is, and a batch
-    of 8 costs one text-encoder pass, not eight."""
-    cond = model.encode_prompt([request.prompt])
-    uncond = model.encode_prompt([request.negative_prompt])
+    of 8 costs one text-encoder pass, not eight; a prompt seen before costs none
+    (BaseModel.prompt_embedding)."""
+    encode = getattr(model, "prompt_embedding", None) or (lambda p: model.encode_prompt([p]))
+    cond = encode(request.prompt)
+    uncond = encode(request.negative_prompt)
     return cond.expand(n, -1, -1), uncond.expand(n, -1, -1)
 
 
@@ -170,8 +173,12 @@ def _generate_locked(model, request, used: list[AdapterUse], progress, cancel, s
         step_kwargs["generator"] = generators
     shape = (model.unet.config.in_channels, req.height // model.vae_scale_factor, req.width // model.vae_scale_factor)
     latents = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
-    latents = (latents * scheduler.init_noise_sigma).to(device=device, dtype=dtype)
+    # The sampler's arithmetic (latents, guidance, scheduler steps) stays float32
+    # whatever the networks run in: a bfloat16 U-Net then differs from a float32
+    # one by its own rounding only, not by a rounded trajectory (histolab.precision).
+    latents = (latents * scheduler.init_noise_sigma).to(device=device)
     embeds = torch.cat([uncond, cond]) if do_cfg else cond.contiguous()
+    embeds = embeds.to(dtype)
 
     # On CPU, images are the same bits whatever the batch (see FIXED_ROWS): a lone
     # unguided image runs as a batch of two, the timestep embedding row by row.
@@ -182,6 +189,9 @@ def _generate_locked(model, request, used: list[AdapterUse], progress, cancel, s
     if twice and not do_cfg:
         embeds = torch.cat([embeds, embeds])
     fixed_rows = batch_invariant_time_embedding(model.unet) if exact else contextlib.nullcontext()
+    traced = getattr(model, "traced_unet", None)
+    if traced is not None and not traced.usable(model):
+        traced = None  # adapters applied: the eager module sees their layers and hooks
 
     # 5. Denoising loop.
     with torch.inference_mode(), fixed_rows:
@@ -189,8 +199,11 @@ def _generate_locked(model, request, used: list[AdapterUse], progress, cancel, s
             if is_cancelled(cancel):
                 raise Cancelled(f"generation cancelled after {i} of {len(timesteps)} steps")
             x_in = torch.cat([latents, latents]) if twice else latents
-            x_in = scheduler.scale_model_input(x_in, t)
-            eps = model.unet(x_in, t, encoder_hidden_states=embeds).sample
+            x_in = scheduler.scale_model_input(x_in, t).to(dtype)
+            if traced is not None:
+                eps = traced(model, x_in, t, embeds, tag=("fixed_rows", exact)).float()
+            else:
+                eps = model.unet(x_in, t, encoder_hidden_states=embeds).sample.float()
             if do_cfg:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + req.guidance_scale * (eps_cond - eps_uncond)
@@ -205,7 +218,8 @@ def _generate_locked(model, request, used: list[AdapterUse], progress, cancel, s
         # pixels stay on the device until all are decoded: one copy to the host,
         # not a synchronising copy between decodes.
         pixels = [
-            _to_uint8(model.vae.decode(latents[j : j + 1] / model.vae.config.scaling_factor).sample) for j in range(n)
+            _to_uint8(model.vae.decode((latents[j : j + 1] / model.vae.config.scaling_factor).to(dtype)).sample)
+            for j in range(n)
         ]
         images = [Image.fromarray(a) for a in torch.cat(pixels).cpu().numpy()]
 
@@ -227,6 +241,7 @@ def _generate_locked(model, request, used: list[AdapterUse], progress, cancel, s
             height=req.height,
             seed=s,
             adapters=tuple(used),
+            dtype=dtype_name(dtype),
         )
         out.append(GeneratedImage(img, recipe))
     return out

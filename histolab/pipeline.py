@@ -22,11 +22,13 @@ from typing import Any
 
 from histolab.base_model import BaseModel, assemble
 from histolab.config import EMBEDDED_BASE_DIR, EMBEDDED_BASE_ID, Paths
-from histolab.errors import InvalidRequest, ModelNotFound, OfflineError, UnsafeFile
+from histolab.errors import ModelNotFound, OfflineError, UnsafeFile
 from histolab.files import sha256_file, sniff
 
 
-def optimize_for_inference(model: BaseModel, *, channels_last: bool | None = None, compile: bool = False) -> BaseModel:
+def optimize_for_inference(
+    model: BaseModel, *, channels_last: bool | None = None, compile: bool = False, trace: bool | None = None
+) -> BaseModel:
     """Speed settings for generation; results stay deterministic for a given setting.
 
     ``channels_last`` (None: decide by device): NHWC is the native layout of
@@ -41,6 +43,12 @@ def optimize_for_inference(model: BaseModel, *, channels_last: bool | None = Non
     ``compile``: ``torch.compile`` the U-Net in place (``nn.Module.compile``
     keeps the module, its config and its adapter hooks); the first call then
     takes seconds to minutes, later ones run faster on GPUs.
+
+    ``trace`` (None: on for a bfloat16 model on CPU, the fast path of
+    histolab.precision): run the U-Net as frozen TorchScript graphs
+    (histolab.traced), the same kernels without diffusers' Python; about a
+    second to trace per batch shape, the same output bits as eager. Off for
+    float32, which keeps today's eager path.
     """
     import torch
 
@@ -52,9 +60,19 @@ def optimize_for_inference(model: BaseModel, *, channels_last: bool | None = Non
         m.to(memory_format=fmt)
     if compile and not model.optimizations.get("compile"):
         model.unet.compile()
+    compiled = bool(compile or model.optimizations.get("compile"))
+    if trace is None:
+        trace = device_type == "cpu" and model.dtype == torch.bfloat16 and not channels_last
+    if trace and not compiled:
+        from histolab.traced import TracedUNet
+
+        model.traced_unet = model.traced_unet or TracedUNet()
+    else:
+        model.traced_unet = None
     model.optimizations = {
         "channels_last": bool(channels_last),
-        "compile": bool(compile or model.optimizations.get("compile")),
+        "compile": compiled,
+        "trace": model.traced_unet is not None,
     }
     return model
 
@@ -72,18 +90,11 @@ def resolve_device(name: str = "auto", process_device=None) -> str:
 
 
 def resolve_dtype(name: str, device: str):
-    """``auto``: float32 on CPU (half-precision matmuls are slow there); on GPUs bfloat16 where
-    supported (as fast as float16 on tensor cores, and its range cannot overflow with strong
-    adapters), else float16."""
-    import torch
+    """``auto``: see histolab.precision (bfloat16 on GPUs that support it and on CPUs with
+    native bfloat16 instructions, float16 on other GPUs, float32 elsewhere)."""
+    from histolab.precision import resolve_dtype as resolve
 
-    if name != "auto":
-        if name not in ("float32", "float16", "bfloat16"):
-            raise InvalidRequest(f"dtype must be auto, float32, float16 or bfloat16 but is {name!r}")
-        return getattr(torch, name)
-    if torch.device(device).type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return resolve(name, device)
 
 
 # ----------------------------------------------------------------- loading

@@ -52,6 +52,9 @@ class Recipe:
     height: int = 64
     seed: int = 0
     adapters: tuple[AdapterUse, ...] = field(default_factory=tuple)
+    # What the networks ran in (histolab.precision): bfloat16 pixels differ from float32's
+    # by rounding, so a re-run loads the model in this dtype. "" in recipes made before it was kept.
+    dtype: str = ""
     version: int = RECIPE_VERSION
 
     def to_dict(self) -> dict[str, Any]:

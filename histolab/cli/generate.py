@@ -65,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=("auto", "float32", "float16", "bfloat16"),
-        help="weights and activations: auto is float32 on CPU, bfloat16 on GPUs that support it, else float16",
+        help="what the networks run in: auto is bfloat16 on CPUs with avx512_bf16/AMX and on GPUs that support it, "
+        "float16 on other GPUs, else float32; with --from-png, auto is the recipe's dtype",
     )
     p.add_argument(
         "--channels-last",
@@ -118,6 +119,14 @@ def build_request(args, base_recipe=None, reference=None):
     return replace(req, **changes)
 
 
+def recipe_dtype(option: str, recipe) -> str:
+    """The dtype to load: a given ``--dtype``; for ``auto``, the recipe's (a re-run reproduces
+    its pixels exactly), else auto's choice for this machine."""
+    if option == "auto" and recipe is not None and recipe.dtype:
+        return recipe.dtype
+    return option
+
+
 def _open_reference(path: str):
     from PIL import Image, UnidentifiedImageError
 
@@ -153,6 +162,7 @@ class _Progress:
 def run(args) -> int:
     from histolab.batch import check_count, generate_distributed
     from histolab.pipeline import load_base, optimize_for_inference, resolve_device, resolve_dtype
+    from histolab.precision import dtype_name
     from histolab.recipe import read_recipe
 
     _quiet_library_progress_bars()
@@ -177,11 +187,17 @@ def run(args) -> int:
 
     device = resolve_device(args.device, state.device if state else None)
     base = args.base or (recipe.base_model if recipe and recipe.base_model else EMBEDDED_BASE_ID)
-    model = load_base(base, device=device, dtype=resolve_dtype(args.dtype, device))
+    model = load_base(base, device=device, dtype=resolve_dtype(recipe_dtype(args.dtype, recipe), device))
     if recipe is not None and recipe.base_hash and model.hash != recipe.base_hash:
         print(
             f"warning: {base} is not the model that made {args.from_png} (hash {model.short_hash}, "
             f"recipe {recipe.base_hash[:10]}): the pixels will differ",
+            file=sys.stderr,
+        )
+    if recipe is not None and recipe.dtype and dtype_name(model.dtype) != recipe.dtype:
+        print(
+            f"warning: {args.from_png} was made in {recipe.dtype}, this run uses {dtype_name(model.dtype)}: "
+            "the pixels will differ by rounding",
             file=sys.stderr,
         )
     optimize_for_inference(

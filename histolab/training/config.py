@@ -31,7 +31,7 @@ METHOD_ALIASES = {
     "reference": "projector",
 }
 LR_SCHEDULES = ("constant", "cosine", "linear")
-PRECISIONS = ("no", "fp16", "bf16")
+PRECISIONS = ("no", "fp16", "bf16", "auto")
 AUGMENTS = ("none", "flip", "dihedral")
 VALIDATIONS = ("fid", "none")
 
@@ -67,7 +67,9 @@ class TrainConfig:
     warmup_ratio: float = 0.0  # linear warm-up over this share of all steps
     warmup_epochs: float = 0.0  # or over this many epochs (the larger of the two wins)
     # --- precision and memory
-    mixed_precision: str = "no"  # "fp16"/"bf16" on a GPU; on a CPU the run falls back to fp32 (and says so)
+    # "fp16"/"bf16" autocast; "auto": bf16 on GPUs that support it (else fp16) and on CPUs with avx512_bf16/AMX
+    # (else fp32). On a CPU without those, and for fp16 on any CPU, the run falls back to fp32 (and says so).
+    mixed_precision: str = "no"
     gradient_checkpointing: bool = False  # recompute U-Net activations in backward: less memory, about 30% slower
     # --- data
     resolution: int | None = None  # training size in pixels; None = the base model's native size

@@ -111,16 +111,38 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
 
 
+def training_precision(asked: str, cpu: bool, log) -> str:
+    """accelerate's mixed_precision for ``asked`` on this machine. On a CPU bf16 autocast runs only where the
+    CPU has native bfloat16 instructions (histolab.precision): elsewhere PyTorch emulates them, slower than
+    fp32; fp16 autocast is a GPU feature."""
+    import torch
+
+    from histolab.precision import detect_cpu_bf16
+
+    if not cpu:
+        if asked == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return asked
+    if asked == "no":
+        return "no"
+    found = detect_cpu_bf16()
+    if asked in ("auto", "bf16") and found.supported:
+        if asked == "auto":
+            log(f"mixed_precision 'auto': bf16 autocast ({found.describe()})")
+        return "bf16"
+    if asked != "auto":
+        why = "fp16 autocast needs a GPU" if asked == "fp16" else found.describe()
+        log(f"mixed_precision {asked!r}: {why}; training on the CPU in full precision (fp32)")
+    return "no"
+
+
 def make_accelerator(cfg: TrainConfig, device: str | None, log):
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
-    mp = cfg.mixed_precision
-    if cpu and mp != "no":
-        log(f"mixed_precision {mp!r} needs a GPU; training on the CPU in full precision (fp32)")
-        mp = "no"
+    mp = training_precision(cfg.mixed_precision, cpu, log)
     # A second run in one process (a notebook, the tests) may ask for another precision than the first;
     # accelerate keeps its state per process, so reset it there (never under `accelerate launch`).
     shared = AcceleratorState._shared_state

@@ -233,7 +233,11 @@ _TINY_COMMON = {
     "repeats": (4, f"{TINY}: 48 steps per epoch at batch 16"),
     "epochs": (6, f"{TINY}: about 300 steps in all"),
     "batch_size": (16, f"{TINY}: a step takes well under a second on 2 cores at 64 px"),
-    "mixed_precision": ("no", "CPU: full precision"),
+    "mixed_precision": (
+        "auto",
+        "bf16 autocast on CPUs with avx512_bf16/AMX and on GPUs, else fp32; bench/training.py on a 2-core EPYC: "
+        "the same loss curve (0.01%), 20% less peak memory, no faster (3.28 vs 3.39 samples/s)",
+    ),
     "warmup_ratio": (0.05, "as the 2025 recipe: 5% warm-up"),
     "sample_steps": (20, f"{TINY}: enough DDIM steps for the embedded model's 64 px samples"),
     "sample_guidance": (4.0, "the guidance the embedded base's own progress samples use"),

@@ -48,6 +48,9 @@ def build_app(services: Services | AppSettings | None = None):
             gr.Markdown(INTRO)
             with gr.Column(scale=0, min_width=320):
                 admin_status = gr.Markdown("", elem_id="admin-status")
+                # The default model's background load (Services.start_preload): polled until it is done.
+                model_status = gr.Markdown(services.preload.status_line(), elem_id="model-status")
+                model_timer = gr.Timer(1.0, active=services.preload.thread is not None)
                 with gr.Accordion("Admin sign-in", open=False, visible=not settings.admin_without_sign_in) as admin_box:
                     admin_user = gr.Textbox(label="Admin", value="", elem_id="admin-user")
                     admin_password = gr.Textbox(label="Password", type="password", elem_id="admin-password")
@@ -114,6 +117,12 @@ def build_app(services: Services | AppSettings | None = None):
             for hook in admin_loads:
                 ev = ev.then(ui_errors(hook.fn), hook.inputs, hook.outputs, api_visibility="private")
 
+        def on_model_tick():
+            pre = services.preload
+            return pre.status_line(), gr.Timer(active=pre.thread is not None and not pre.done.is_set())
+
+        model_timer.tick(on_model_tick, None, [model_status, model_timer], api_visibility="private", **light)
+        app.load(on_model_tick, None, [model_status, model_timer], api_visibility="private")
         app.load(status_text, [session_state], [admin_status], api_visibility="private")
         for hook in [*loads, *admin_loads]:
             app.load(ui_errors(hook.fn), hook.inputs, hook.outputs, api_visibility="private")

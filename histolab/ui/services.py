@@ -26,6 +26,48 @@ from histolab.ui.settings import AppSettings
 from histolab.ui.tasks import TaskRunner
 
 
+class Preload:
+    """The default model loaded in a background thread at start-up, and its state for the status line.
+
+    A Space's first visitor otherwise waits for the load (seconds) and, on the
+    CPU fast path, for the U-Net's graphs to be traced for the app's batch
+    shapes; the preload does both (a one-step warm-up generation at 1 and at
+    the default number of images) while the app starts. A request arriving
+    meanwhile waits for the same load (ModelCache's per-source lock), never a
+    second one.
+    """
+
+    def __init__(self):
+        self.state = "not started"  # -> loading -> warming up -> ready | failed
+        self.detail = ""
+        self.seconds = 0.0
+        self.done = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def status_line(self) -> str:
+        if self.state == "ready":
+            return f"Model ready ({self.detail}; loaded in {self.seconds:.1f} s)"
+        if self.state == "failed":
+            return f"Model failed to load: {self.detail}"
+        if self.state == "not started":
+            return "Model loads on the first request"
+        return f"Model {self.state}..."
+
+
+def describe_model(model) -> str:
+    """'bfloat16 on cpu (avx512_bf16), traced U-Net' and the like, for the status line and logs."""
+    from histolab.precision import detect_cpu_bf16, dtype_name
+
+    device = str(getattr(model, "device", "?"))
+    text = f"{dtype_name(getattr(model, 'dtype', '?'))} on {device}"
+    if device == "cpu" and dtype_name(getattr(model, "dtype", "")) == "bfloat16":
+        flag = detect_cpu_bf16().flag
+        text += f" ({flag})" if flag else ""
+    if getattr(model, "optimizations", {}).get("trace"):
+        text += ", traced U-Net"
+    return text
+
+
 class ModelCache:
     """Base models by source, loaded on first use; at most ``max_models`` kept (least recently used go first).
 
@@ -76,6 +118,15 @@ def default_loader(settings: AppSettings) -> Callable[[str], Any]:
     return load
 
 
+def warm_up(model, batches: tuple[int, ...]) -> None:
+    """One guided step at each batch size: first-call costs (allocator, oneDNN kernel choice, and the
+    traced U-Net's graph per shape) are paid here rather than by the first visitor."""
+    from histolab.generation import GenerationRequest, generate
+
+    for b in batches:
+        generate(model, GenerationRequest(prompt="warm-up", steps=1, batch_size=b))
+
+
 @dataclass(frozen=True)
 class AdapterChoice:
     """An adapter the pages offer: its display name, where it is, and what the registry says of it."""
@@ -114,6 +165,7 @@ class Services:
         self._scan_lock = threading.Lock()
         self._scan_cache: tuple[tuple, list] | None = None
         self.job_monitor = None  # histolab.ui.train.JobMonitor, started by the Train tab
+        self.preload = Preload()
 
     # ------------------------------------------------------------ folders
     @property
@@ -174,6 +226,41 @@ class Services:
 
     def model(self, source: str):
         return self.models.get(source)
+
+    def start_preload(self, source: str | None = None, warm_batches: tuple[int, ...] | None = None) -> Preload:
+        """Load ``source`` (the configured base) in a daemon thread, then warm it up at ``warm_batches``
+        images (default: 1 and the Generate page's default of 4; see Preload)."""
+        source = source or self.settings.base
+        warm_batches = warm_batches or (1, min(4, self.settings.max_batch))
+        pre = self.preload
+        if pre.thread is not None:
+            return pre
+        problem = self.base_problem(source)
+        if problem:
+            pre.state, pre.detail = "failed", problem
+            pre.done.set()
+            return pre
+
+        def work():
+            import time
+
+            t0 = time.perf_counter()
+            try:
+                pre.state = "loading"
+                model = self.model(source)
+                pre.state = "warming up"
+                warm_up(model, warm_batches)
+                pre.detail = describe_model(model)
+                pre.state = "ready"
+            except Exception as exc:  # shown on the status line; a request then gets the error itself
+                pre.state, pre.detail = "failed", f"{type(exc).__name__}: {exc}"
+            finally:
+                pre.seconds = time.perf_counter() - t0
+                pre.done.set()
+
+        pre.thread = threading.Thread(target=work, name="histolab-preload", daemon=True)
+        pre.thread.start()
+        return pre
 
     # ------------------------------------------------------------ adapters
     def _signature(self) -> tuple:

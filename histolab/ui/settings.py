@@ -22,7 +22,11 @@ LOOPBACK_NAMES = ("localhost",)
 class AppSettings:
     base: str = EMBEDDED_BASE_ID  # HISTOLAB_BASE: the embedded default runs offline on any machine
     device: str = "auto"  # HISTOLAB_DEVICE: cuda when there is one, else cpu
-    dtype: str = "auto"  # HISTOLAB_DTYPE: float32 on CPU, bfloat16/float16 on GPUs
+    # HISTOLAB_DTYPE: auto is bfloat16 on CPUs with avx512_bf16/AMX and on GPUs that support it (histolab.precision)
+    dtype: str = "auto"
+    # HISTOLAB_PRELOAD: load and warm up the base model in the background at start-up (python app.py), so the
+    # first visitor does not wait for it; 0 loads it on the first request instead
+    preload: bool = True
     # HISTOLAB_MAX_BATCH: images per click; 8 at 25 steps is a few seconds for the embedded model on 2 cores
     max_batch: int = 8
     max_steps: int = 150  # HISTOLAB_MAX_STEPS: beyond ~100 steps the samplers offered add nothing visible
@@ -53,6 +57,7 @@ class AppSettings:
             "base": "HISTOLAB_BASE",
             "device": "HISTOLAB_DEVICE",
             "dtype": "HISTOLAB_DTYPE",
+            "preload": "HISTOLAB_PRELOAD",
             "max_batch": "HISTOLAB_MAX_BATCH",
             "max_steps": "HISTOLAB_MAX_STEPS",
             "queue_size": "HISTOLAB_QUEUE_SIZE",
