@@ -258,14 +258,20 @@ class Run:
             self.sampler.close()
 
     def setup(self) -> None:
-        """Everything before the first step: accelerator, base, data, caches, trainables, optimiser, schedule."""
-        import torch
+        """Everything before the first step, as numbered steps (each a method below)."""
+        # 1. Accelerator, work folder, the run's first log line.
+        self._start_accelerator()
+        # 2. Base model and data, each checked against a resumed run's.
+        self._load_base_and_data()
+        # 3. The method: caches of the frozen parts, the trainable network.
+        self._prepare_method()
+        # 4. Optimiser (restored on resume), learning-rate schedule, validator.
+        self._prepare_optimization()
+        # 5. The plan in one log line: images, steps, epochs, trainable parameters.
+        self._log_plan()
 
-        from histolab.pipeline import load_base
-        from histolab.training.data import load_training_data
-        from histolab.training.sampling import EpochSampler
-        from histolab.training.trainer import trainer_class
-        from histolab.training.validation import make_validator
+    def _start_accelerator(self) -> None:
+        import torch
 
         cfg = self.cfg
         self.is_main = True
@@ -287,7 +293,13 @@ class Run:
             f"{acc.num_processes} process(es), precision {acc.mixed_precision})"
         )
 
-        # 1. Base model and data.
+    def _load_base_and_data(self) -> None:
+        import torch
+
+        from histolab.pipeline import load_base
+        from histolab.training.data import load_training_data
+
+        cfg, acc = self.cfg, self.acc
         self.report("loading", "base model and data")
         if isinstance(self.base, str | Path):
             model = load_base(str(self.base), device=str(acc.device), dtype=torch.float32)
@@ -332,18 +344,25 @@ class Run:
         self.log(data.summary())
         self.data = data
         self.model = model
+        self.fingerprint = fingerprint
 
-        # 2. The method: caches and trainable parts.
+    def _prepare_method(self) -> None:
+        import torch
+
+        from histolab.training.sampling import EpochSampler
+        from histolab.training.trainer import trainer_class
+
+        cfg, acc = self.cfg, self.acc
         sampler = EpochSampler(self.base, device=acc.device, dtype=self.weight_dtype, encoder=self.encoder)
         self.sampler = sampler
         torch.manual_seed(cfg.seed)
         trainer = trainer_class(cfg.method)(
             cfg,
-            model,
-            data,
+            self.model,
+            self.data,
             device=acc.device,
             weight_dtype=self.weight_dtype,
-            workdir=work,
+            workdir=self.out / ckpt.WORK_DIR,
             log=self.log,
             sampler=sampler,
             encoder=self.encoder,
@@ -356,6 +375,13 @@ class Run:
             trainer.prepare()
         if getattr(trainer, "encoder", None) is not None:
             sampler.runtime.register_encoder(trainer.encoder, device=str(acc.device))
+
+    def _prepare_optimization(self) -> None:
+        import torch
+
+        from histolab.training.validation import make_validator
+
+        cfg, acc, trainer = self.cfg, self.acc, self.trainer
         net = trainer.network()
         groups = trainer.param_groups()
         self.base_lrs = [g["lr"] for g in groups]
@@ -372,88 +398,47 @@ class Run:
         net, optimizer = acc.prepare(net, optimizer)
         self.net, self.optimizer = net, optimizer
         self.sched = Schedule.of(cfg, trainer.items(), acc.num_processes)
-        self.fingerprint = fingerprint
         self.validator = (
             self.validator
             if self.validator is not None
-            else (make_validator(cfg, data, work, str(acc.device), self.log) if self.is_main else None)
+            else (
+                make_validator(cfg, self.data, self.out / ckpt.WORK_DIR, str(acc.device), self.log)
+                if self.is_main
+                else None
+            )
         )
+
+    def _log_plan(self) -> None:
+        cfg, s = self.cfg, self.sched
         n_train = sum(p.numel() for p in self.params)
-        s = self.sched
+        groups = ", ".join(f"{n} (lr {lr:g})" for n, lr in zip(self.group_names, self.base_lrs, strict=True))
         self.log(
-            f"{trainer.items()} images x {cfg.repeats} repeats, {s.per_step} images per step: "
+            f"{self.trainer.items()} images x {cfg.repeats} repeats, {s.per_step} images per step: "
             f"{s.steps_per_epoch} steps per epoch, {s.total_steps} steps ({s.epochs} epochs), warm-up {s.warmup_steps}; "
-            f"{n_train:,} trainable parameters in groups {', '.join(f'{n} (lr {lr:g})' for n, lr in zip(self.group_names, self.base_lrs, strict=True))}"
+            f"{n_train:,} trainable parameters in groups {groups}"
         )
 
     def _loop(self) -> TrainResult:
-        import torch
-
-        cfg, acc, sched, trainer = self.cfg, self.acc, self.sched, self.trainer
+        """The training steps from ``self.step`` to the end, each as numbered steps below."""
+        cfg, sched, trainer = self.cfg, self.sched, self.trainer
         n_images = trainer.items()
         meter = Meter()
         meter.start()
         order, order_epoch = None, -1
-        world, rank = acc.num_processes, acc.process_index
         self.epoch = min(sched.epochs, (self.step - 1) // sched.steps_per_epoch + 1) if self.step else 1
         while self.step < sched.total_steps:
+            # 1. Where we are: the epoch, a cancel request, this epoch's image order, the learning rate.
             self.epoch = self.step // sched.steps_per_epoch + 1
             if self._cancel_requested():
                 return self._cancelled()
-            k = self.step % sched.steps_per_epoch
             if order_epoch != self.epoch:
                 order, order_epoch = epoch_order(cfg.seed, self.epoch, sched, n_images), self.epoch
-            factor = sched.lr_factor(self.step, cfg.lr_schedule)
-            for g, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-                g["lr"] = base_lr * factor
-            self.net.train()
-            loss_sum = 0.0
-            try:
-                for micro in range(cfg.grad_accum):
-                    start = (k * cfg.grad_accum + micro) * cfg.batch_size * world + rank * cfg.batch_size
-                    idx = order[start : start + cfg.batch_size]
-                    gen_seed, torch_seed = step_seeds(cfg.seed, self.step, micro, rank)
-                    gen = torch.Generator().manual_seed(gen_seed)
-                    batch = trainer.batch(idx, gen)
-                    torch.manual_seed(torch_seed)
-                    with acc.accumulate(self.net):
-                        loss = self.net(batch)
-                        acc.backward(loss)
-                        if acc.sync_gradients and cfg.max_grad_norm > 0:
-                            acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                        self.optimizer.step()
-                        self.optimizer.zero_grad(set_to_none=True)
-                    loss_sum += float(loss.detach())
-            except RuntimeError as exc:
-                if is_out_of_memory(exc):
-                    raise TrainingError(
-                        f"out of memory at step {self.step + 1} (batch_size {cfg.batch_size}, resolution "
-                        f"{trainer.resolution}, precision {acc.mixed_precision}): lower batch_size (and raise "
-                        f"grad_accum to keep the effective batch), turn on gradient_checkpointing, or use "
-                        f"mixed precision. {self._last_good()}"
-                    ) from exc
-                raise
-            loss_value = loss_sum / cfg.grad_accum
-            if world > 1:
-                loss_value = float(acc.gather(torch.tensor([loss_value], device=acc.device)).mean())
-            if not math.isfinite(loss_value):
-                raise TrainingError(
-                    f"the loss is {loss_value} at step {self.step + 1}: training diverged; lower the learning rate "
-                    f"(lr {cfg.lr:g}) or use fp32/bf16 instead of fp16. {self._last_good()}"
-                )
-            self.step += 1
-            self.epoch_loss[0] += loss_value
-            self.epoch_loss[1] += 1
-            meter.add(loss_value, sched.per_step)
-            rate, spstep = meter.rates()
-            self.report(
-                "training",
-                step=self.step,
-                loss=meter.loss(),
-                lr=self.optimizer.param_groups[0]["lr"],
-                samples_per_s=rate,
-                eta_s=spstep * (sched.total_steps - self.step) if spstep else None,
-            )
+            self._set_learning_rate()
+            # 2. One optimiser step over grad_accum micro-batches.
+            loss_value = self._optimizer_step(order)
+            # 3. Check the loss, count the step, report progress.
+            self._record_step(loss_value, meter)
+            # 4. The end of an epoch (checkpoint, validation) or a periodic state save.
             end_of_epoch = self.step % sched.steps_per_epoch == 0 or self.step == sched.total_steps
             if end_of_epoch:
                 self._end_of_epoch(self.epoch)
@@ -462,6 +447,71 @@ class Run:
                 self._save_state()
                 meter.start()
         return self._finish()
+
+    def _set_learning_rate(self) -> None:
+        factor = self.sched.lr_factor(self.step, self.cfg.lr_schedule)
+        for g, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            g["lr"] = base_lr * factor
+
+    def _optimizer_step(self, order) -> float:
+        """Forward, backward and update for step ``self.step``; the loss averaged over micro-batches and processes."""
+        import torch
+
+        cfg, acc, trainer = self.cfg, self.acc, self.trainer
+        world, rank = acc.num_processes, acc.process_index
+        k = self.step % self.sched.steps_per_epoch
+        self.net.train()
+        loss_sum = 0.0
+        try:
+            for micro in range(cfg.grad_accum):
+                start = (k * cfg.grad_accum + micro) * cfg.batch_size * world + rank * cfg.batch_size
+                idx = order[start : start + cfg.batch_size]
+                gen_seed, torch_seed = step_seeds(cfg.seed, self.step, micro, rank)
+                gen = torch.Generator().manual_seed(gen_seed)
+                batch = trainer.batch(idx, gen)
+                torch.manual_seed(torch_seed)
+                with acc.accumulate(self.net):
+                    loss = self.net(batch)
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.max_grad_norm > 0:
+                        acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                loss_sum += float(loss.detach())
+        except RuntimeError as exc:
+            if is_out_of_memory(exc):
+                raise TrainingError(
+                    f"out of memory at step {self.step + 1} (batch_size {cfg.batch_size}, resolution "
+                    f"{trainer.resolution}, precision {acc.mixed_precision}): lower batch_size (and raise "
+                    f"grad_accum to keep the effective batch), turn on gradient_checkpointing, or use "
+                    f"mixed precision. {self._last_good()}"
+                ) from exc
+            raise
+        loss_value = loss_sum / cfg.grad_accum
+        if world > 1:
+            loss_value = float(acc.gather(torch.tensor([loss_value], device=acc.device)).mean())
+        return loss_value
+
+    def _record_step(self, loss_value: float, meter: Meter) -> None:
+        cfg, sched = self.cfg, self.sched
+        if not math.isfinite(loss_value):
+            raise TrainingError(
+                f"the loss is {loss_value} at step {self.step + 1}: training diverged; lower the learning rate "
+                f"(lr {cfg.lr:g}) or use fp32/bf16 instead of fp16. {self._last_good()}"
+            )
+        self.step += 1
+        self.epoch_loss[0] += loss_value
+        self.epoch_loss[1] += 1
+        meter.add(loss_value, sched.per_step)
+        rate, spstep = meter.rates()
+        self.report(
+            "training",
+            step=self.step,
+            loss=meter.loss(),
+            lr=self.optimizer.param_groups[0]["lr"],
+            samples_per_s=rate,
+            eta_s=spstep * (sched.total_steps - self.step) if spstep else None,
+        )
 
     def _cancel_requested(self) -> bool:
         """Every process must stop at the same step: with several, any one's request counts for all."""
