@@ -28,3 +28,23 @@ def paths(tmp_path, monkeypatch):
 
     monkeypatch.setenv("HISTOLAB_DATA_DIR", str(tmp_path))
     return Paths.from_env()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def patient_gradio_clients():
+    """gradio_client's plain requests (config, upload, queue join) use httpx's 5 s default timeout, which a
+    loaded CI machine can exceed while the in-process app is busy; every test Client gets minutes instead."""
+    import functools
+
+    from gradio_client import Client
+    from waiting import GENEROUS
+
+    init = Client.__init__
+
+    @functools.wraps(init)
+    def patient(self, *args, httpx_kwargs=None, **kw):
+        init(self, *args, httpx_kwargs={"timeout": GENEROUS, **(httpx_kwargs or {})}, **kw)
+
+    Client.__init__ = patient
+    yield
+    Client.__init__ = init

@@ -17,6 +17,7 @@ from app_testkit import ADMIN_PASSWORD, add_lora, make_services, served
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
+from waiting import GENEROUS, finish_task, join_all
 
 from histolab.config import EMBEDDED_BASE_DIR
 from histolab.errors import Cancelled
@@ -220,8 +221,7 @@ def test_two_sessions_with_different_adapters_never_mix(app_env, tiny_model):
     threads = [threading.Thread(target=session, args=(n,)) for n in expected]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(timeout=240)
+    join_all(threads)
     assert not errors, errors
     for (name, _), got in results.items():
         assert all(np.array_equal(a, b) for a, b in zip(got, expected[name], strict=True)), name
@@ -253,8 +253,7 @@ def test_handlers_in_parallel_threads_keep_adapters_apart(app_env, tiny_model):
     threads = [threading.Thread(target=worker, args=(n,)) for n in ("lora-a", "lora-b", "lora-a", "lora-b")]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(timeout=240)
+    join_all(threads)
     assert bad == []
     assert tiny_model.applied == []  # nothing left applied
 
@@ -378,8 +377,7 @@ def test_background_set_then_evaluation_with_plots_and_reports(app_env, admin):
     status = admin.predict(*gen(batch=2)[:-1], "mini-set", 4, True, api_name="/generate_set")
     task_id = status.split()[2].rstrip(";")
     info = services.tasks.get(task_id)
-    while not info.finished:
-        info = services.tasks.wait(task_id, 1.0)
+    info = finish_task(services.tasks, task_id)
     assert info.state == "done", info.message
     folder = services.sets_root / "mini-set"
     for cls in services.class_labels():
@@ -428,7 +426,7 @@ def test_task_cancel_and_start_again_resumes_a_batch(app_env, admin):
     gate = threading.Event()
 
     def blocker(params, ctx):  # holds the single worker, so the next task is queued behind it
-        gate.wait(30)
+        assert gate.wait(GENEROUS), "the test never opened the gate"
         return {}
 
     services.tasks.register("blocker", blocker)
@@ -438,11 +436,9 @@ def test_task_cancel_and_start_again_resumes_a_batch(app_env, admin):
     msg, _ = admin.predict(queued, api_name="/task_cancel")
     assert "cancel asked" in msg
     gate.set()
-    services.tasks.wait(first.id, 10)
-    info = services.tasks.get(queued)
-    while not info.finished:
-        info = services.tasks.wait(queued, 1.0)
-    assert info.state == "cancelled"
+    assert finish_task(services.tasks, first.id).state == "done"
+    info = finish_task(services.tasks, queued)
+    assert info.state == "cancelled", info
     text, *_ = admin.predict(queued, api_name="/task_again")
     assert "done" in text
     assert len(list((services.sets_root / "later-set").glob("*.png"))) == 3
@@ -478,7 +474,7 @@ def test_model_and_review_files_are_never_served(app_env):
     ]
     forms += [f"{url}gradio_api/file={p}" for p in cwd_rel] + [f"{url}file={p}" for p in cwd_rel]
     forms += [f"{url}gradio_api/file=%2F{str(t).lstrip('/').replace('/', '%2F')}" for t in targets]
-    with httpx.Client(timeout=30) as http:
+    with httpx.Client(timeout=GENEROUS) as http:
         for f in forms:
             r = http.get(f)
             assert r.status_code in (403, 404, 405), (f, r.status_code)
@@ -493,7 +489,7 @@ def test_uploads_above_the_limit_are_refused_at_the_door(tiny_model, tmp_path):
     services = make_services(tmp_path, tiny_model, max_upload_mb=1)
     with served(services) as (_, url):
         big = b"\x89PNG\r\n\x1a\n" + b"\0" * (2 * 2**20)
-        r = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.png", big, "image/png")}, timeout=60)
+        r = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.png", big, "image/png")}, timeout=GENEROUS)
         assert r.status_code == 413
         client = Client(url, verbose=False)
         gallery, *_ = client.predict(*gen(batch=1), api_name="/generate")  # still serving
@@ -523,5 +519,5 @@ def test_importing_the_app_loads_nothing():
         "assert 'gradio' not in sys.modules, 'gradio imported'; "
         "assert not hasattr(app, 'demo') and callable(app.main)"
     )
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=GENEROUS)
     assert run.returncode == 0, run.stderr

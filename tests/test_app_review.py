@@ -14,6 +14,7 @@ import pytest
 from app_testkit import ADMIN_PASSWORD, make_services, served
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from waiting import join_all
 
 from histolab.review.blinding import png_chunks
 
@@ -112,8 +113,7 @@ def test_two_raters_in_parallel_cannot_see_or_change_each_others_work(study):
     ]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(timeout=120)
+    join_all(threads)
     assert not errors, errors
     a_rows, b_rows = stored(study, "alice"), stored(study, "bob")
     assert [r[2] for r in a_rows] == ["alice note 0", "alice note 1", "alice note 2"]

@@ -3,13 +3,12 @@ log), cancelled, resumed to the end, and listed again by a fresh app on the same
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from adapters_testkit import save_pipeline
 from app_testkit import ADMIN_PASSWORD, make_services, served
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from waiting import wait_until
 
 # 12 bundled crops at batch 4: 3 steps per epoch, 8 epochs = 24 steps; one sample image per class per epoch.
 OVERRIDES = """
@@ -25,15 +24,20 @@ epochs = 8
 """
 
 
-def wait_state(services, job_id, states, timeout=180.0, min_step=0):
+def wait_state(services, job_id, states, min_step=0):
+    """The job's status once it is in one of ``states`` (at ``min_step`` or later); a job that finishes in
+    another state fails at once, with its log."""
     job = services.jobs().get(job_id)
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
+
+    def reached():
         st = job.status()
         if st.state in states and st.progress.get("step", 0) >= min_step:
             return st
-        time.sleep(0.3)
-    raise AssertionError(f"job {job_id}: {job.status()}\n{job.log_tail()}")
+        if st.finished:
+            raise AssertionError(f"job {job_id} ended {st.state}, not {sorted(states)}: {st}\n{job.log_tail()}")
+        return None
+
+    return wait_until(reached, lambda: f"job {job_id}: {job.status()}\n{job.log_tail()}")
 
 
 def test_start_watch_cancel_resume_and_list_after_a_restart(tiny_model, tmp_path):

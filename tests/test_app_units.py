@@ -12,6 +12,7 @@ import types
 
 import pytest
 from PIL import Image
+from waiting import GENEROUS, finish_task, wait_until
 
 from histolab.config import Paths
 from histolab.errors import InvalidRequest
@@ -169,7 +170,7 @@ def test_tasks_run_in_order_report_fail_and_are_listed_from_disk(tmp_path):
 
     def slow(params, ctx):
         ctx.progress(0.5, "half way")
-        gate.wait(10)
+        assert gate.wait(GENEROUS), "the test never opened the gate"
         ctx.check_cancel()
         (ctx.folder / "out.txt").write_text(params["text"])
         return {"files": ["out.txt"]}
@@ -183,9 +184,12 @@ def test_tasks_run_in_order_report_fail_and_are_listed_from_disk(tmp_path):
     for kind, fn in (("slow", slow), ("broken", broken), ("refused", refused)):
         runner.register(kind, fn)
     a = runner.submit("slow", {"text": "hello"}, title="a", owner="admin")
-    info = runner.wait(a.id, 5)
-    while info.message != "half way":
-        info = runner.wait(a.id, 5)
+
+    def half_way():
+        info = runner.wait(a.id, 1.0)
+        return info if info.message == "half way" else None
+
+    info = wait_until(half_way, lambda: runner.get(a.id), poll=0)
     assert (info.state, info.fraction) == ("running", 0.5)
     b = runner.submit("slow", {"text": "never"}, title="b", owner="admin")
     assert runner.get(b.id).state == "queued"
@@ -194,8 +198,7 @@ def test_tasks_run_in_order_report_fail_and_are_listed_from_disk(tmp_path):
     d = runner.submit("refused", {}, title="d", owner="admin")
     gate.set()
     for t in (a, b, c, d):
-        while not runner.get(t.id).finished:
-            runner.wait(t.id, 5)
+        finish_task(runner, t.id)
     assert runner.get(a.id).state == "done" and (runner.folder(a.id) / "out.txt").read_text() == "hello"
     assert runner.get(b.id).state == "cancelled" and not (runner.folder(b.id) / "out.txt").exists()
     assert runner.get(c.id).state == "failed" and "KeyError" in (runner.folder(c.id) / "error.txt").read_text()
@@ -211,8 +214,7 @@ def test_tasks_run_in_order_report_fail_and_are_listed_from_disk(tmp_path):
     states = {t.id: t.state for t in again.list()}
     assert states == {a.id: "interrupted", b.id: "cancelled", c.id: "failed", d.id: "failed"}
     rerun = again.rerun(a.id, owner="admin", changes={"text": "again"})
-    while not again.get(rerun.id).finished:
-        again.wait(rerun.id, 5)
+    finish_task(again, rerun.id)
     assert again.get(rerun.id).state == "done"
     for bad in ("../x", "", "a/b", "x" * 60):
         with pytest.raises(InvalidRequest, match="not a task id"):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from app_testkit import ADMIN_PASSWORD, add_lora, make_services, served
+from waiting import GENEROUS_MS
 
 pytestmark = pytest.mark.browser
 
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.browser
 def expect(locator):
     from playwright.sync_api import expect as pw_expect
 
+    pw_expect.set_options(timeout=WAIT)  # its own default is 5 s
     return pw_expect(locator)
 
 
@@ -37,7 +39,29 @@ ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-WAIT = 60_000  # ms; the tiny model answers in well under a second, the margin is for a loaded CI machine
+# ms; a guard against a hang, not a speed limit: the tiny model answers in well under a second idle, and
+# every wait below is on a DOM state, so a loaded CI machine only makes it take longer.
+WAIT = GENEROUS_MS
+
+
+class PatientBrowser:
+    """The browser, with every page and context it opens waiting ``WAIT`` by default (Playwright's own
+    default is 30 s for each click, fill and read)."""
+
+    def __init__(self, browser):
+        self._browser = browser
+
+    def new_page(self, **kw):
+        return self._patient(self._browser.new_page(**kw))
+
+    def new_context(self, **kw):
+        return self._patient(self._browser.new_context(**kw))
+
+    @staticmethod
+    def _patient(target):
+        target.set_default_timeout(WAIT)
+        target.set_default_navigation_timeout(WAIT)
+        return target
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +84,7 @@ def env(tiny_model, tmp_path_factory):
         try:
             yield {
                 "url": url,
-                "browser": browser,
+                "browser": PatientBrowser(browser),
                 "services": services,
                 "forbidden": [
                     "model-x",

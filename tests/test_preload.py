@@ -3,6 +3,7 @@
 import threading
 
 from app_testkit import make_settings
+from waiting import GENEROUS, join_all
 
 from histolab.config import Paths
 from histolab.ui.services import Services
@@ -29,8 +30,8 @@ def test_preload_loads_once_warms_up_and_reports_ready(tmp_path, tiny_model):
     assert pre.state in ("not started", "loading") and not pre.done.is_set()
     assert pre.status_line() in ("Model loading...", "Model not started...", "Model loads on the first request")
     gate.set()
-    assert pre.done.wait(120) and pre.state == "ready", pre.detail
-    request.join(120)
+    assert pre.done.wait(GENEROUS) and pre.state == "ready", (pre.state, pre.detail)
+    join_all([request])
     assert got == [tiny_model] and calls == [services.settings.base] and services.models.loads == 1
     line = pre.status_line()
     assert line.startswith("Model ready (float32 on cpu") and "loaded in" in line
@@ -41,7 +42,7 @@ def test_preload_failure_is_shown(tmp_path):
         raise OSError("disk on fire")
 
     pre = services_with(tmp_path, loader).start_preload()
-    assert pre.done.wait(60) and pre.state == "failed"
+    assert pre.done.wait(GENEROUS) and pre.state == "failed", (pre.state, pre.detail)
     assert pre.status_line() == "Model failed to load: OSError: disk on fire"
 
 

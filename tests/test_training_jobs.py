@@ -4,10 +4,10 @@ resumed again, and finishing with exactly the weights of an uninterrupted run.""
 import json
 import os
 import signal
-import time
 
 import pytest
 from training_testkit import max_state_difference, tiny_base_dir  # noqa: F401
+from waiting import wait_until
 
 from histolab.adapters.loader import locate, open_located
 from histolab.errors import InvalidRequest
@@ -27,14 +27,22 @@ SETTINGS = {
 }
 
 
-def _wait_for(job, predicate, timeout=600.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
+def _wait_for(job, predicate):
+    """The job's first status that satisfies ``predicate`` (a generous guard against a hang, no speed limit)."""
+
+    def reached():
         st = job.status()
         if predicate(st):
             return st
-        time.sleep(0.2)
-    raise AssertionError(f"job {job.id} never reached the expected state; last: {job.status()}\n{job.log_tail()}")
+        if st.finished:  # it will not change again by itself
+            raise AssertionError(f"job {job.id} ended before the state waited for: {st}\n{job.log_tail()}")
+        return None
+
+    return wait_until(reached, lambda: f"job {job.id}: {job.status()}\n{job.log_tail()}")
+
+
+def _finish(job):
+    return _wait_for(job, lambda st: st.finished)
 
 
 def test_cancel_kill_and_resume_a_job_process(tiny_base_dir, tmp_path):  # noqa: F811
@@ -49,7 +57,7 @@ def test_cancel_kill_and_resume_a_job_process(tiny_base_dir, tmp_path):  # noqa:
     # 1. Cancel through the job folder while it trains: the worker saves and stops.
     _wait_for(job, lambda s: s.state == "running" and s.progress.get("step", 0) >= 4)
     job.cancel()
-    st = job.wait(timeout=600)
+    st = _finish(job)
     assert st.state == "cancelled", job.log_tail()
     cancelled_at = load_state(out / "training").step
     assert cancelled_at >= 4 and open_located(locate(out)).kind == "lora"
@@ -58,7 +66,7 @@ def test_cancel_kill_and_resume_a_job_process(tiny_base_dir, tmp_path):  # noqa:
     job.resume()
     st = _wait_for(job, lambda s: s.state == "running" and s.progress.get("step", 0) >= cancelled_at + 7)
     os.kill(st.pid, signal.SIGKILL)
-    st = _wait_for(job, lambda s: s.state == "interrupted", timeout=30)
+    st = _wait_for(job, lambda s: s.state == "interrupted")
     assert "resume" in st.message
     saved = load_state(out / "training")
     assert saved is not None and saved.step > cancelled_at  # the last epoch checkpoint before the kill survived
@@ -66,14 +74,14 @@ def test_cancel_kill_and_resume_a_job_process(tiny_base_dir, tmp_path):  # noqa:
 
     # 3. Resume again to the end.
     job.resume()
-    st = job.wait(timeout=600)
+    st = _finish(job)
     assert st.state == "done", job.log_tail()
     assert json.loads((job.dir / "status.json").read_text())["progress"]["step"] == 48
 
     # The same weights, bit for bit, as one uninterrupted job (a worker process too: float sums depend on
     # torch's thread count, which a fresh process picks for itself, so the reference runs the same way).
     ref = store.start(JobSpec(**{**spec.__dict__, "out": str(tmp_path / "ref")}))
-    assert ref.wait(timeout=600).state == "done", ref.log_tail()
+    assert _finish(ref).state == "done", ref.log_tail()
     assert max_state_difference(load_state(tmp_path / "ref" / "training"), load_state(out / "training")) == 0.0
 
 

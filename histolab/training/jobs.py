@@ -161,8 +161,14 @@ class Job:
         state = raw.get("state", "queued")
         message = raw.get("message", "")
         if state == "running" and not self.running():
-            state = "interrupted"
-            message = "the training process died (crash or kill); resume it to continue from the last checkpoint"
+            # Read again: a run that just finished wrote its last state and then let go of the lock, so a
+            # "running" read before that and a free lock after are an ended run, not a dead one.
+            raw = self._raw_status()
+            state = raw.get("state", "queued")
+            message = raw.get("message", "")
+            if state == "running":
+                state = "interrupted"
+                message = "the training process died (crash or kill); resume it to continue from the last checkpoint"
         return JobStatus(
             id=self.id,
             state=state,
