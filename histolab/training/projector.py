@@ -241,6 +241,12 @@ class ProjectorTrainer(Trainer):
         layers = [(p, *w.export()) for p, w in self.lora.items()]
         enc = self.encoder
         info = {"name": str(enc.name), "weights_hash": str(enc.weights_hash), "dim": int(enc.dim)}
+        # The settings it was validated with are the ones generation should use by default.
+        manifest.recommended = {
+            "guidance_scale": float(self.cfg.sample_guidance),
+            "scheduler": str(self.cfg.sample_scheduler),
+            "steps": int(self.cfg.sample_steps),
+        }
         # save() puts the projector's own settings in manifest.config; the training-only ones are in `training`.
         pj.save(folder, proj, self.head.null_embedding, layers, info, manifest)
 
