@@ -215,9 +215,13 @@ class ProjectorTrainer(Trainer):
     def validation_requests(self, seed: int, labels_out: list[str]):
         """One reference-mode generation per validation image, seeded per image (the 2026 protocol)."""
         from histolab.generation import GenerationRequest
+        from histolab.training.validation import subset
 
+        # The validation images the FID reference uses (the same seeded subset when there are more than
+        # val_reference_images), each drawn once from its own embedding.
+        refs, labels = subset(self.data.val_images, self.data.val_labels, self.cfg.val_reference_images, self.cfg.seed)
         out = []
-        for i, (ref, label) in enumerate(zip(self.data.val_images, self.data.val_labels, strict=True)):
+        for i, (ref, label) in enumerate(zip(refs, labels, strict=True)):
             out.append(
                 GenerationRequest(
                     mode="reference",
