@@ -54,6 +54,7 @@ def test_is_without_its_head_is_a_clear_error(tmp_path, capsys):
     assert "--inception-head" in err and "pt_inception-2015-12-05-6726825d.pth" in err
 
 
+@pytest.mark.slow  # minutes each on a loaded 2-core machine (Inception on a CPU dominates)
 @pytest.mark.parametrize(
     ("paper", "runs"),
     [("colon-2025", "lora-colon_ihc,ti-colon_ihc"), ("uni2h-2026", "baseline,rank4"), ("cxr-2025", "cxr")],
@@ -69,13 +70,13 @@ def test_smoke_end_to_end_with_a_stop_and_resume(paper, runs, tmp_path, capsys):
     assert main(cmd) == 0
     log = capsys.readouterr().out
     assert f"runs/{first} (" not in log  # the recorded run is not trained again
-    rows = list(csv.DictReader(open(out / "table.csv")))
+    rows = list(csv.DictReader((out / "table.csv").read_text().splitlines()))
     assert rows and all(r["FID"] for r in rows)
     assert all("±" in r["KID x1000"] for r in rows) and all(r["precision"] and r["recall"] for r in rows)
     assert (out / "table.md").read_text().startswith(f"# {paper} (smoke scale")
     assert (out / "fid_by_epoch.png").stat().st_size > 0
     if paper == "uni2h-2026":
-        val = list(csv.DictReader(open(out / "table_validation.csv")))
+        val = list(csv.DictReader((out / "table_validation.csv").read_text().splitlines()))
         assert {r["run"] for r in val} == {"baseline", "rank4"} and sum(r["chosen"] == "yes" for r in val) == 1
     if paper == "cxr-2025":
         assert all(r["IS"].startswith("not computed") for r in rows)
