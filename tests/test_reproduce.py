@@ -36,7 +36,7 @@ def test_uni2h_plan_is_the_twelve_configurations_chosen_by_validation_fid():
         True,
         0.01,
     )
-    assert plan.runs[0].steps == -(-135 // 16) * 12
+    assert plan.runs[0].n_images == 150 and plan.runs[0].steps == -(-150 // 16) * 12  # the train split
 
 
 def test_dry_run_prints_every_papers_plan(capsys):

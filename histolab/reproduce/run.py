@@ -41,10 +41,10 @@ class TestItem:
 
 def _dataset(source: str, label_names: str):
     from histolab.data.loaders import load_dataset, load_json
-    from histolab.training.data import _is_json, label_names_for
+    from histolab.training.data import is_json_index, label_names_for
 
     p = Path(source)
-    if label_names and _is_json(p):
+    if label_names and is_json_index(p):
         return load_json(p, label_names=label_names_for(label_names))
     return load_dataset(p)
 

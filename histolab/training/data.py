@@ -176,7 +176,8 @@ def label_names_for(spec: str):
     return [x.strip() for x in spec.split(",") if x.strip()]
 
 
-def _is_json(path: Path) -> bool:
+def is_json_index(path: Path) -> bool:
+    """Whether ``path`` is a JSON index (judged by its first bytes, not its name)."""
     if not path.is_file():
         return False
     head = path.read_bytes()[:4096].decode("utf-8-sig", errors="replace").lstrip()
@@ -192,7 +193,7 @@ def _user(
     from histolab.data.splits import stratified_split
 
     notes = []
-    if label_names and _is_json(path):
+    if label_names and is_json_index(path):
         ds = load_json(path, label_names=label_names_for(label_names))
     else:
         if label_names:
