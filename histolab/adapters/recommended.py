@@ -19,7 +19,7 @@ SETTINGS = ("guidance_scale", "scheduler", "steps")
 
 
 def _resolve(ref: str) -> Path | None:
-    from histolab.adapters.registry import find_by_name
+    from histolab.adapters.loader import find_by_name
     from histolab.config import Paths
 
     text = str(ref).strip()
