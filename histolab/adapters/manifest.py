@@ -36,6 +36,9 @@ class Manifest:
     config: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # generation settings the adapter was validated with (e.g. {"guidance_scale": 1.3, "scheduler": "ddpm",
+    # "steps": 30}); generation uses them unless the user sets them
+    recommended: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     version: int = MANIFEST_VERSION
 
@@ -53,7 +56,7 @@ class Manifest:
         kind = d.get("kind")
         if kind not in KINDS:
             raise AdapterError(f"{where}: `kind` must be one of {', '.join(KINDS)} but is {kind!r}")
-        for name in ("base", "encoder", "config", "training", "metrics"):
+        for name in ("base", "encoder", "config", "training", "metrics", "recommended"):
             if not isinstance(d.get(name, {}), dict):
                 raise AdapterError(f"{where}: `{name}` must be a JSON object")
         for name in ("name", "weights", "trigger_token", "created"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from histolab.config import EMBEDDED_BASE_ID
 from histolab.errors import InvalidRequest
@@ -27,8 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", help="what to steer away from (the unconditional branch of guidance)")
     p.add_argument(
         "--reference",
-        metavar="PATCH.png",
-        help="reference mode: generate from this tissue patch through a projector adapter (--adapter) instead of text",
+        metavar="PATCH.png|FOLDER",
+        help="reference mode: generate from this tissue patch through a projector adapter (--adapter) instead of "
+        "text; a folder: --n images (default 1) per patch, seeded per patch, into OUT/<patch>/, resumable",
     )
     p.add_argument(
         "--guidance", type=float, help="classifier-free guidance scale (default 7.5; ~1.3 in reference mode)"
@@ -111,6 +113,12 @@ def build_request(args, base_recipe=None, reference=None):
         "seed": args.seed,
     }
     changes = {k: v for k, v in given.items() if v is not None}
+    if reference is not None and base_recipe is None and args.adapter:
+        # Reference mode: the adapter's recommended settings (manifest) for what the user did not set.
+        from histolab.adapters.recommended import reference_settings
+
+        rec = reference_settings(parse_adapter(a).ref for a in args.adapter)
+        changes = {**rec, **changes}
     if reference is not None:
         changes.update(mode="reference", reference=reference)
     if args.adapter:
@@ -178,7 +186,13 @@ def run(args) -> int:
                 f"{args.from_png} was made from a reference patch (hash {recipe.reference_hash[:10]}); "
                 "pass that patch with --reference"
             )
-    reference = _open_reference(args.reference) if args.reference else None
+    folder_mode = bool(args.reference) and Path(args.reference).is_dir()  # one generation per patch
+    if folder_mode and recipe is not None:
+        raise InvalidRequest("--reference FOLDER cannot be combined with --from-png; give one patch")
+    if folder_mode:  # the first patch stands for all in the checks before the model loads
+        reference = _open_reference(str(_patches(args.reference)[0]))
+    else:
+        reference = _open_reference(args.reference) if args.reference else None
     request = build_request(args, recipe, reference)
     if request.mode == "prompt" and not request.prompt and recipe is None:
         raise InvalidRequest("--prompt is empty: give a prompt, a --reference patch or --from-png")
@@ -205,6 +219,17 @@ def run(args) -> int:
     )
 
     rank = f"process {state.process_index}/{state.num_processes} " if state and state.num_processes > 1 else ""
+    if folder_mode:
+        from histolab.cli.reference_folder import run_folder
+
+        return run_folder(
+            args,
+            model,
+            request,
+            state,
+            lambda i, k: _Progress(f"{rank}patch {i + 1}/{k} ", args.quiet),
+            _open_reference,
+        )
     result = generate_distributed(
         model, request, n, args.out, state=state, resume=args.resume, progress=_Progress(rank, args.quiet)
     )
@@ -216,6 +241,12 @@ def run(args) -> int:
             + "; recipes in recipes.jsonl"
         )
     return 0
+
+
+def _patches(folder: str):
+    from histolab.cli.reference_folder import patches_in
+
+    return patches_in(Path(folder))
 
 
 def _accelerate_state(device: str):

@@ -9,6 +9,12 @@
 * **CSV**: a header with ``path,label`` and optionally ``split`` and ``group``
   (patient or slide id: see histolab.data.splits), paths relative to the CSV.
 
+Each image may carry its own caption (e.g. its report's impression) for
+training with per-image prompts: a CSV ``caption`` column (or ``text``,
+``prompt``, ``impression``), a JSON ``caption`` (or ``text``/``prompt``) key,
+or in class folders a ``.txt`` file of the same name beside the image
+(kohya-ss's layout).
+
 Every file is judged by its content, not its extension. Bad data never passes
 silently: missing files, files that are not images, images smaller than the
 training size and duplicate rows are skipped and listed in a ``LoadReport``
@@ -39,6 +45,8 @@ CHAOYANG_LABEL_NAMES = {0: "normal", 1: "serrated", 2: "adenocarcinoma", 3: "ade
 # Column names accepted for the group (patient/slide) column of a CSV.
 GROUP_COLUMNS = ("group", "patient", "patient_id", "slide", "slide_id", "case", "case_id")
 SMALL_POLICIES = ("skip", "error")
+# Column (CSV) or key (JSON) names accepted for an image's own caption, first found wins.
+CAPTION_COLUMNS = ("caption", "text", "prompt", "impression")
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,7 @@ class Record:
     label: str
     split: str | None = None
     group: str | None = None
+    caption: str | None = None  # the image's own text, where the dataset gives one
 
 
 @dataclass
@@ -199,9 +208,19 @@ def load_folder(root: str | Path, *, size: int | None = None, **kw) -> TileDatas
             raise DataError(f"{top} has no class subfolders: put the images in {top}/<class name>/")
         for cdir in class_dirs:
             classes.add(cdir.name)
-            for f in sorted(cdir.rglob("*")):
-                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(cdir).parts):
-                    records.append(Record(f, cdir.name, split))
+            files = [
+                f
+                for f in sorted(cdir.rglob("*"))
+                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(cdir).parts)
+            ]
+            # A .txt beside an image of the same name is that image's caption, not a candidate image.
+            stems = {f.with_suffix("") for f in files if f.suffix.lower() != ".txt"}
+            for f in files:
+                if f.suffix.lower() == ".txt" and f.with_suffix("") in stems:
+                    continue
+                side = f.with_suffix(".txt")
+                caption = side.read_text(encoding="utf-8-sig", errors="replace").strip() if side.is_file() else None
+                records.append(Record(f, cdir.name, split, None, caption or None))
     layout = "split/class folders" if split_layout else "class folders"
     return _finish(records, sorted(classes), str(root), layout, size=size, **kw)
 
@@ -235,7 +254,9 @@ def load_json(
             label = _label_name(entry["label"], names, where)
             rec_split = normalize_split(entry["split"], f" in {where}") if entry.get("split") else file_split
             group = str(entry["group"]) if entry.get("group") not in (None, "") else None
-            records.append(Record(jf.parent / str(entry.get("name", entry.get("path"))), label, rec_split, group))
+            caption = next((str(entry[k]).strip() for k in CAPTION_COLUMNS if entry.get(k) not in (None, "")), None)
+            path = jf.parent / str(entry.get("name", entry.get("path")))
+            records.append(Record(path, label, rec_split, group, caption or None))
     declared = list(names.values()) if names else None
     classes = declared or _ordered_labels(r.label for r in records)
     source = ", ".join(str(f) for f in files)
@@ -261,6 +282,7 @@ def load_csv(path: str | Path, *, size: int | None = None, **kw) -> TileDataset:
             f"{path}: the header needs columns path and label (and optionally split, group); missing {missing}, found {list(fields)}"
         )
     group_col = next((fields[c] for c in GROUP_COLUMNS if c in fields), None)
+    caption_col = next((fields[c] for c in CAPTION_COLUMNS if c in fields), None)
     records = []
     for line, row in enumerate(reader, start=2):
         p, label = (row.get(fields["path"]) or "").strip(), (row.get(fields["label"]) or "").strip()
@@ -268,7 +290,8 @@ def load_csv(path: str | Path, *, size: int | None = None, **kw) -> TileDataset:
             raise DataError(f"{path} line {line}: empty {'path' if not p else 'label'}")
         split = normalize_split(row.get(fields["split"]), f" at {path.name} line {line}") if "split" in fields else None
         group = ((row.get(group_col) or "").strip() or None) if group_col else None
-        records.append(Record(path.parent / p, label, split, group))
+        caption = ((row.get(caption_col) or "").strip() or None) if caption_col else None
+        records.append(Record(path.parent / p, label, split, group, caption))
     return _finish(records, _ordered_labels(r.label for r in records), str(path), "csv", size=size, **kw)
 
 

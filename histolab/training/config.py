@@ -34,6 +34,9 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("no", "fp16", "bf16", "auto")
 AUGMENTS = ("none", "flip", "dihedral")
 VALIDATIONS = ("fid", "none")
+OPTIMIZERS = ("adamw", "adamw8bit", "adam")
+HOLDOUTS = ("val", "none")
+CAPTIONS = ("class", "image")
 
 
 def canonical_method(name: str) -> str:
@@ -62,6 +65,8 @@ class TrainConfig:
     weight_decay: float = 1e-2  # AdamW's usual decoupled decay (torch and diffusers default)
     betas: tuple[float, float] = (0.9, 0.999)  # Adam's defaults (Kingma & Ba 2015)
     eps: float = 1e-8  # Adam's default
+    optimizer: str = "adamw"  # adamw (torch), adamw8bit (bitsandbytes' 8-bit AdamW, GPU only), adam (no decoupled
+    # decay: weight_decay is then L2 in the gradient, as torch.optim.Adam does)
     max_grad_norm: float = 1.0  # gradient clipping as in diffusers' training examples; 0 turns it off
     lr_schedule: str = "constant"  # after warm-up: constant, cosine (to 0) or linear (to 0)
     warmup_ratio: float = 0.0  # linear warm-up over this share of all steps
@@ -80,6 +85,11 @@ class TrainConfig:
     label_names: str = ""  # names for a JSON index's integer labels: "chaoyang" or "name0,name1,..." in label order
     min_images_per_class: int = 5  # fewer usable images than this in a class stops the run before it starts
     max_images_per_class: int | None = None  # a seeded subset per class; None = every image
+    only_classes: str = ""  # comma-separated class names to train on (one model per class); "" = every class
+    holdout: str = "val"  # "val": a dataset without a validation split gets a seeded 10% one; "none": every
+    # image trains (as a paper that holds nothing out) and there is no per-epoch validation
+    captions: str = "class"  # "class": prompt_template of the class label; "image": each image's own caption
+    # from the dataset's caption column (CSV/JSON), truncated to the text encoder's 77 tokens
     # --- checkpoints, samples and validation
     samples_per_class: int = 4  # fixed-seed sample images per class, saved with every epoch's checkpoint
     sample_steps: int = 25  # sampler steps for samples and validation images
@@ -90,6 +100,8 @@ class TrainConfig:
     val_reference_images: int = 1000  # at most this many validation images (a seeded stratified subset) as the
     # FID reference: its features are computed once, and beyond ~1000 the reference's own noise is small
     validate_every: int = 1  # epochs between validations
+    val_per_image: bool = False  # reference mode: one generation per validation image (the 2026 protocol)
+    # instead of val_images_per_class seeded picks per class
     select_best: bool = True  # at the end, the run's folder holds the epoch with the best validation FID
     save_state_every: int = 0  # also save the resume state every N steps inside an epoch (0: at epoch ends only)
     keep_epochs: int = 0  # per-epoch adapter folders to keep (the newest and the best are always kept); 0 = all
@@ -136,6 +148,13 @@ class TrainConfig:
         _choice(self, "augment", AUGMENTS)
         _choice(self, "latent_sampling", ("sample", "mode"))
         _choice(self, "validation", VALIDATIONS)
+        _choice(self, "optimizer", OPTIMIZERS)
+        _choice(self, "holdout", HOLDOUTS)
+        _choice(self, "captions", CAPTIONS)
+        if self.holdout == "none" and self.validation != "none":
+            raise InvalidRequest(
+                "`holdout` none trains on every image, so there is nothing to validate on: set validation=none"
+            )
         from histolab.schedulers import SCHEDULER_NAMES
 
         _choice(self, "sample_scheduler", SCHEDULER_NAMES)
@@ -169,6 +188,8 @@ class LoraTrainConfig(TrainConfig):
     train_text_encoder: bool = False  # LoRA on the text encoder's attention and MLP too
     text_encoder_lr: float | None = None  # None = lr
     text_encoder_rank: int | None = None  # None = rank
+    lora_init: str = "kaiming"  # down-projection init: "kaiming" uniform (peft's default) or "gaussian"
+    # N(0, 1/rank) (peft's init_lora_weights="gaussian"); up starts at zero either way
 
     def check(self) -> LoraTrainConfig:
         super().check()
@@ -180,6 +201,7 @@ class LoraTrainConfig(TrainConfig):
         if self.text_encoder_lr is not None:
             _positive_float(self, "text_encoder_lr")
         _choice(self, "target", ("attention", "transformer"))
+        _choice(self, "lora_init", ("kaiming", "gaussian"))
         return self
 
 
@@ -294,6 +316,7 @@ class ProjectorTrainConfig(TrainConfig):
     projector_weight_decay: float = 1e-4  # projector + null embedding group
     cond_dropout: float = 0.1  # per sample, the embedding is replaced by the learned null embedding (for CFG)
     projector_dropout: float = 0.05  # dropout after the projector's hidden activations
+    null_init_std: float = 0.01  # the null embedding starts as N(0, null_init_std^2) (2026 paper: small random)
     lr_schedule: str = "cosine"  # cosine decay after warm-up
     warmup_epochs: float = 1.0  # about one epoch of linear warm-up
     prompt_template: str = "{label}"  # unused for conditioning (the embedding is the condition); names the class
@@ -313,6 +336,7 @@ class ProjectorTrainConfig(TrainConfig):
         _range(self, "projector_weight_decay", 0.0, 10.0)
         _range(self, "cond_dropout", 0.0, 1.0, high_open=True)
         _range(self, "projector_dropout", 0.0, 1.0, high_open=True)
+        _range(self, "null_init_std", 0.0, 10.0)
         return self
 
 

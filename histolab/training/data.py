@@ -33,6 +33,10 @@ class TrainingData:
     val_labels: list[str] = field(default_factory=list)
     report: object | None = None  # histolab.data.loaders.LoadReport for user datasets
     notes: list[str] = field(default_factory=list)
+    captions: list[str | None] = field(default_factory=list)  # per training image; [] = none given
+
+    def caption(self, i: int) -> str | None:
+        return self.captions[i] if self.captions else None
 
     def counts(self) -> dict[str, int]:
         c = Counter(self.labels)
@@ -41,9 +45,11 @@ class TrainingData:
     def fingerprint(self) -> str:
         """sha256 over every training image's pixels and label: a resume must see the same data."""
         h = hashlib.sha256()
-        for im, lab in zip(self.images, self.labels, strict=True):
+        for i, (im, lab) in enumerate(zip(self.images, self.labels, strict=True)):
             h.update(f"{lab}:{im.width}x{im.height}:".encode())
             h.update(im.tobytes())
+            if self.captions:  # only where captions are given: older runs keep their fingerprint
+                h.update(f"caption:{self.captions[i]}".encode())
         return h.hexdigest()
 
     def summary(self) -> str:
@@ -69,16 +75,20 @@ def load_training_data(
     max_per_class: int | None = None,
     seed: int = 0,
     label_names: str = "",
+    only_classes: str = "",
+    holdout: str = "val",
 ) -> TrainingData:
     if str(source) == BUNDLED and label_names:
         raise DataError(
             f"label_names {label_names!r} names a JSON dataset's integer labels; the bundled data has names"
         )
     data = (
-        _bundled(max_per_class, seed)
+        _bundled(max_per_class, seed, holdout)
         if str(source) == BUNDLED
-        else _user(Path(source), max_per_class, seed, label_names)
+        else _user(Path(source), max_per_class, seed, label_names, holdout)
     )
+    if only_classes:
+        data = _only(data, only_classes)
     few = {c: n for c, n in data.counts().items() if n < min_per_class}
     if few:
         c, n = next(iter(few.items()))
@@ -110,15 +120,37 @@ def _pick(indices_by_class: dict[str, list[int]], max_per_class: int | None, see
     return sorted(out)
 
 
-def _bundled(max_per_class: int | None, seed: int) -> TrainingData:
+def _only(data: TrainingData, only_classes: str) -> TrainingData:
+    """The data of the named classes only (one model per class, as the 2025 colon study trains)."""
+    import dataclasses
+
+    want = [c.strip() for c in only_classes.split(",") if c.strip()]
+    unknown = [c for c in want if c not in data.classes]
+    if unknown:
+        raise DataError(f"only_classes names {unknown[0]!r}, which {data.source} does not have; it has {data.classes}")
+    keep = [i for i, lab in enumerate(data.labels) if lab in want]
+    vkeep = [i for i, lab in enumerate(data.val_labels) if lab in want]
+    return dataclasses.replace(
+        data,
+        classes=[c for c in data.classes if c in want],
+        images=[data.images[i] for i in keep],
+        labels=[data.labels[i] for i in keep],
+        captions=[data.captions[i] for i in keep] if data.captions else [],
+        val_images=[data.val_images[i] for i in vkeep],
+        val_labels=[data.val_labels[i] for i in vkeep],
+        notes=[*data.notes, f"only class{'es' if len(want) > 1 else ''} {', '.join(want)}"],
+    )
+
+
+def _bundled(max_per_class: int | None, seed: int, holdout: str = "val") -> TrainingData:
     from histolab.data import bundled
 
-    train = bundled.crops("train")
+    train = bundled.crops("train") + (bundled.crops("val") if holdout == "none" else [])
     by_class: dict[str, list[int]] = {}
     for i, c in enumerate(train):
         by_class.setdefault(c.label, []).append(i)
     chosen = [train[i] for i in _pick(by_class, max_per_class, seed)]
-    val = bundled.crops("val")
+    val = bundled.crops("val") if holdout != "none" else []
     classes = bundled.labels()
     return TrainingData(
         source=BUNDLED,
@@ -144,27 +176,36 @@ def label_names_for(spec: str):
     return [x.strip() for x in spec.split(",") if x.strip()]
 
 
-def _is_json(path: Path) -> bool:
+def is_json_index(path: Path) -> bool:
+    """Whether ``path`` is a JSON index (judged by its first bytes, not its name)."""
     if not path.is_file():
         return False
     head = path.read_bytes()[:4096].decode("utf-8-sig", errors="replace").lstrip()
     return head.startswith(("[", "{"))
 
 
-def _user(path: Path, max_per_class: int | None, seed: int, label_names: str = "") -> TrainingData:
+def _user(
+    path: Path, max_per_class: int | None, seed: int, label_names: str = "", holdout: str = "val"
+) -> TrainingData:
     import dataclasses
 
     from histolab.data.loaders import TileDataset, load_dataset, load_json
     from histolab.data.splits import stratified_split
 
     notes = []
-    if label_names and _is_json(path):
+    if label_names and is_json_index(path):
         ds = load_json(path, label_names=label_names_for(label_names))
     else:
         if label_names:
             notes.append(f"label_names {label_names!r} ignored: it names the integer labels of a JSON index")
         ds = load_dataset(path)
-    if not ds.has_splits:
+    if holdout == "none":
+        # Nothing held out: every non-test image trains (the test split stays untouched).
+        recs = [r if r.split == "test" else dataclasses.replace(r, split="train") for r in ds.records]
+        ds = TileDataset(recs, ds.classes, ds.report, ds.size)
+        ds.report.notes = [n for n in ds.report.notes if not n.startswith("no split given")]
+        notes.append("holdout none: every non-test image trains; no validation")
+    elif not ds.has_splits:
         ds = ds.with_splits(NO_SPLIT_FRACTIONS, seed=seed)
         # The loader's advice to split is taken here: say what was done instead.
         ds.report.notes = [n for n in ds.report.notes if not n.startswith("no split given")]
@@ -181,17 +222,21 @@ def _user(path: Path, max_per_class: int | None, seed: int, label_names: str = "
         if r.split == "train":
             train_idx[r.label].append(i)
     chosen = _pick(train_idx, max_per_class, seed)
-    images, labels = _read(ds, chosen, report)
+    images, labels, captions = _read(ds, chosen, report)
     val = [i for i, r in enumerate(ds.records) if r.split == "val"]
-    val_images, val_labels = _read(ds, val, report)
-    if not val:
+    val_images, val_labels, _ = _read(ds, val, report)
+    if not val and holdout != "none":
         notes.append("no validation split: per-epoch validation is skipped")
-    return TrainingData(str(path), list(ds.classes), images, labels, val_images, val_labels, report, notes)
+    given = captions if any(c is not None for c in captions) else []
+    if given:
+        n = sum(c is not None for c in given)
+        notes.append(f"captions: {n} of {len(given)} training images have their own caption")
+    return TrainingData(str(path), list(ds.classes), images, labels, val_images, val_labels, report, notes, given)
 
 
-def _read(ds, indices: list[int], report) -> tuple[list[Image.Image], list[str]]:
+def _read(ds, indices: list[int], report) -> tuple[list[Image.Image], list[str], list[str | None]]:
     """Decode the chosen images; one that became unreadable since it was checked is skipped and listed."""
-    images, labels = [], []
+    images, labels, captions = [], [], []
     for i in indices:
         try:
             im, _ = ds[i]
@@ -202,4 +247,5 @@ def _read(ds, indices: list[int], report) -> tuple[list[Image.Image], list[str]]
             continue
         images.append(im)
         labels.append(ds.records[i].label)
-    return images, labels
+        captions.append(ds.records[i].caption)
+    return images, labels, captions

@@ -334,6 +334,8 @@ class Run:
             max_per_class=cfg.max_images_per_class,
             seed=cfg.seed,
             label_names=cfg.label_names,
+            only_classes=cfg.only_classes,
+            holdout=cfg.holdout,
         )
         fingerprint = data.fingerprint()
         if self.state and self.state.data_fingerprint != fingerprint:
@@ -377,8 +379,7 @@ class Run:
             sampler.runtime.register_encoder(trainer.encoder, device=str(acc.device))
 
     def _prepare_optimization(self) -> None:
-        import torch
-
+        from histolab.training.optim import build_optimizer
         from histolab.training.validation import make_validator
 
         cfg, acc, trainer = self.cfg, self.acc, self.trainer
@@ -386,7 +387,7 @@ class Run:
         groups = trainer.param_groups()
         self.base_lrs = [g["lr"] for g in groups]
         self.group_names = [g.pop("name", f"group{i}") for i, g in enumerate(groups)]
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        optimizer = build_optimizer(cfg, groups, acc.device)
         self.history: list[dict[str, Any]] = list(self.state.history) if self.state else []
         extra = self.state.extra if self.state else {}
         self.epoch_loss = list(extra.get("epoch_loss", [0.0, 0]))
@@ -660,7 +661,11 @@ class Run:
 
     def _validate(self, folder: Path) -> dict[str, float]:
         labels: list[str] = []
-        reqs = self.trainer.sample_requests(self.cfg.val_images_per_class, VALIDATION_SEED, labels)
+        per_image = getattr(self.trainer, "validation_requests", None) if self.cfg.val_per_image else None
+        if per_image is not None:  # the 2026 protocol: one generation per validation image
+            reqs = per_image(VALIDATION_SEED, labels)
+        else:
+            reqs = self.trainer.sample_requests(self.cfg.val_images_per_class, VALIDATION_SEED, labels)
         images = self.sampler.generate(folder, reqs)
         return {k: float(v) for k, v in self.validator(images, labels).items()}
 

@@ -47,7 +47,7 @@ class LoraTrainer(Trainer):
         pick = lora_layers.attention_targets if cfg.target == "attention" else lora_layers.transformer_targets
         torch.manual_seed(cfg.seed)
         self.unet_lora = lora_layers.inject(
-            model.unet, pick(model.unet, cfg.cross_attention_only), cfg.rank, self.alpha
+            model.unet, pick(model.unet, cfg.cross_attention_only), cfg.rank, self.alpha, cfg.lora_init
         )
         self.te_lora = {}
         if cfg.train_text_encoder:

@@ -18,7 +18,7 @@ CONV_1X1 = (1, 1)
 
 
 class LoraWrapper(torch.nn.Module):
-    def __init__(self, base: torch.nn.Module, rank: int, alpha: float):
+    def __init__(self, base: torch.nn.Module, rank: int, alpha: float, init: str = "kaiming"):
         super().__init__()
         self.base = base
         conv = isinstance(base, torch.nn.Conv2d)
@@ -29,7 +29,10 @@ class LoraWrapper(torch.nn.Module):
         n_out = base.out_channels if conv else base.out_features
         self.down = torch.nn.Parameter(torch.empty(rank, n_in))
         self.up = torch.nn.Parameter(torch.zeros(n_out, rank))
-        torch.nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+        if init == "gaussian":  # peft's init_lora_weights="gaussian": N(0, 1/rank)
+            torch.nn.init.normal_(self.down, std=1.0 / rank)
+        else:
+            torch.nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
         self.scale = float(alpha) / rank
 
     def forward(self, x):
@@ -48,14 +51,16 @@ class LoraWrapper(torch.nn.Module):
         return down, up
 
 
-def inject(root: torch.nn.Module, paths: list[str], rank: int, alpha: float) -> dict[str, LoraWrapper]:
+def inject(
+    root: torch.nn.Module, paths: list[str], rank: int, alpha: float, init: str = "kaiming"
+) -> dict[str, LoraWrapper]:
     """Wrap each named module of ``root``; returns {path: wrapper} in the given order."""
     out = {}
     for path in paths:
         parent_path, _, leaf = path.rpartition(".")
         parent = root.get_submodule(parent_path) if parent_path else root
         base = getattr(parent, leaf) if not leaf.isdigit() else parent[int(leaf)]
-        w = LoraWrapper(base, rank, alpha)
+        w = LoraWrapper(base, rank, alpha, init)
         w.to(device=_device(base))
         if leaf.isdigit():
             parent[int(leaf)] = w

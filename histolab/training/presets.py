@@ -23,6 +23,8 @@ from histolab.errors import InvalidRequest
 from histolab.training.config import TrainConfig, canonical_method, config_class
 
 P2025 = "Kuzmin & Berezsky 2025 (SD 1.5 comparison on Chaoyang)"
+I16 = "as given in issue 16 quoting the paper"
+PCXR = "chest X-ray LoRA study 2025 (SD 1.5)"
 P2026 = "Kuzmin & Berezsky 2026 (UNI2-h foundation-embedding adapter)"
 T1 = f"{P2026}, Table 1 baseline"
 T6 = f"{P2026}, Table 6 ablation"
@@ -80,6 +82,13 @@ def presets_for(method: str) -> list[Preset]:
 
 _CHAOYANG_COMMON = {
     "repeats": (8, f"{P2025}: 8 repeats per image"),
+    "seed": (22, f"{P2025}: seed 22 ({I16})"),
+    "optimizer": (
+        "adamw8bit",
+        f"{P2025}: 8-bit AdamW ({I16}); bitsandbytes on a GPU, a clear error on a CPU (set optimizer=adamw there)",
+    ),
+    "holdout": ("none", f"{P2025}: one model per class, trained on the whole class; nothing held out ({I16})"),
+    "validation": ("none", f"{P2025}: nothing is held out, so no per-epoch validation ({I16})"),
     "epochs": (12, f"{P2025}: 12 epochs"),
     "mixed_precision": ("fp16", f"{P2025}: fp16"),
     "warmup_ratio": (0.05, f"{P2025}: 5% warm-up"),
@@ -122,14 +131,17 @@ _add(
             **{
                 k: (v, why + " (stated for the comparison's LoRA run; DreamBooth's own not given)")
                 for k, (v, why) in _CHAOYANG_COMMON.items()
-                if k in ("repeats", "epochs", "mixed_precision", "warmup_ratio")
+                if k in ("epochs", "mixed_precision", "warmup_ratio")
             },
+            **{k: _CHAOYANG_COMMON[k] for k in ("seed", "optimizer", "holdout", "validation")},
+            "repeats": (2, f"{P2025}: DreamBooth 2 repeats per image ({I16})"),
             "prompt_template": _CHAOYANG_COMMON["prompt_template"],
             "label_names": _CHAOYANG_COMMON["label_names"],
             "lr_schedule": _CHAOYANG_COMMON["lr_schedule"],
             "lr": (1e-5, f"{P2025}: DreamBooth U-Net lr 1e-5"),
             "batch_size": (2, f"{P2025}: DreamBooth batch 2"),
             "train_text_encoder": (True, "DreamBooth tunes the U-Net and the text encoder (Ruiz et al. 2023)"),
+            "text_encoder_lr": (5e-5, f"{P2025}: DreamBooth text-encoder lr 5e-5 ({I16})"),
             "prior_preservation": (True, "DreamBooth's class-prior loss (Ruiz et al. 2023); not given in the paper"),
             "class_prompt": ("a histology image of colon tissue", "not given in the paper; the instances' class noun"),
         },
@@ -144,8 +156,10 @@ _add(
             **{
                 k: (v, why + " (stated for the comparison's LoRA run; TI's own not given)")
                 for k, (v, why) in _CHAOYANG_COMMON.items()
-                if k in ("repeats", "epochs", "mixed_precision", "warmup_ratio")
+                if k in ("epochs", "mixed_precision", "warmup_ratio")
             },
+            **{k: _CHAOYANG_COMMON[k] for k in ("seed", "optimizer", "holdout", "validation")},
+            "repeats": (2, f"{P2025}: textual inversion 2 repeats per image ({I16})"),
             "lr_schedule": _CHAOYANG_COMMON["lr_schedule"],
             "label_names": _CHAOYANG_COMMON["label_names"],
             "lr": (5e-4, f"{P2025}: textual inversion lr 5e-4"),
@@ -167,7 +181,8 @@ _add(
             "max_steps": (4500, f"{P2025}: 4500 steps"),
             "prompt_template": _CHAOYANG_COMMON["prompt_template"],
             "label_names": _CHAOYANG_COMMON["label_names"],
-            "batch_size": (1, "not given in the paper; SD-webui's default hypernetwork batch size"),
+            **{k: _CHAOYANG_COMMON[k] for k in ("seed", "optimizer", "holdout", "validation")},
+            "batch_size": (4, f"{P2025}: hypernetwork batch 4 ({I16})"),
             "mixed_precision": ("fp16", "not given in the paper; SD-webui trains against the half-precision model"),
             "sizes": ("all", "not given in the paper; SD-webui's default modules (768, 320, 640, 1280)"),
         },
@@ -195,6 +210,12 @@ _BASELINE = {
     "lr_schedule": ("cosine", f"{P2026}, Algorithm 1: cosine decay"),
     "warmup_epochs": (1.0, f"{P2026}, Algorithm 1: about one epoch of linear warm-up"),
     "select_best": (True, f"{P2026}: the checkpoint is chosen by validation FID per epoch"),
+    "validation": ("fid", f"{P2026}: FID on the validation split after every epoch"),
+    "val_per_image": (True, f"{P2026}: one generation per validation image ({I16})"),
+    "sample_scheduler": ("ddpm", f"{P2026}: validation images drawn with DDPM ({I16})"),
+    "sample_steps": (30, f"{P2026}: 30 sampler steps ({I16})"),
+    "sample_guidance": (1.3, f"{P2026}: guidance 1.3, the adapter's recommended setting ({I16})"),
+    "null_init_std": (0.01, f"{P2026}: null embedding initialised small random, scale 0.01 ({I16})"),
 }
 
 _add(Preset("uni2h-2026-baseline", "projector", "UNI2-h adapter, Table 1 baseline", dict(_BASELINE)))
@@ -222,6 +243,32 @@ _add(
         "projector",
         "UNI2-h adapter, the paper's best configuration (rank 4)",
         {**_BASELINE, "rank": (4, f"{P2026}: best configuration, rank 4")},
+    )
+)
+
+# ------------------------------------------------------------- 2025: chest X-ray LoRA
+
+_add(
+    Preset(
+        "cxr-2025-lora",
+        "lora",
+        "LoRA of the 2025 chest X-ray study (SD 1.5, per-image report prompts)",
+        {
+            "target": ("attention", f"{PCXR}: LoRA on the U-Net attention Q/K/V/out ({I16})"),
+            "rank": (8, f"{PCXR}: rank 8 ({I16})"),
+            "alpha": (8.0, f"{PCXR}: alpha 8 ({I16})"),
+            "lora_init": ("gaussian", f"{PCXR}: Gaussian initialisation ({I16})"),
+            "lr": (5e-5, f"{PCXR}: lr 5e-5 ({I16})"),
+            "optimizer": ("adam", f"{PCXR}: Adam ({I16})"),
+            "weight_decay": (0.0, "not given in the paper; Adam's default of no weight decay"),
+            "epochs": (20, f"{PCXR}: 20 epochs ({I16})"),
+            "batch_size": (4, f"{PCXR}: batch 4 ({I16})"),
+            "resolution": (128, f"{PCXR}: 128 px ({I16})"),
+            "captions": ("image", f"{PCXR}: each image trains on its own report text ({I16})"),
+            "train_text_encoder": (False, "not given in the paper; only the U-Net attention is named"),
+            "lr_schedule": ("constant", "not given in the paper; diffusers' LoRA example default"),
+            "prompt_template": ("a chest x-ray, {label}", "not given in the paper; for images without a caption"),
+        },
     )
 )
 

@@ -29,11 +29,11 @@ from histolab.training.trainer import Trainer, TrainNet, eps_loss
 class ProjectorHead(torch.nn.Module):
     """The projector and the null embedding, trained together (one parameter group)."""
 
-    def __init__(self, projector, encoder_dim: int, dropout: float):
+    def __init__(self, projector, encoder_dim: int, dropout: float, null_init_std: float = 0.01):
         super().__init__()
         self.projector = projector
-        # Zeros: at first the null maps to the projector's biases; it is learned from the dropped samples.
-        self.null_embedding = torch.nn.Parameter(torch.zeros(encoder_dim))
+        # Small random (the 2026 paper: scale 0.01), drawn under the run's seed; learned from the dropped samples.
+        self.null_embedding = torch.nn.Parameter(torch.randn(encoder_dim) * null_init_std)
         self.dropout = dropout
 
     def forward(self, embeddings, drop):
@@ -133,7 +133,9 @@ class ProjectorTrainer(Trainer):
             alpha=self.alpha,
         )
         torch.manual_seed(cfg.seed)
-        self.head = ProjectorHead(Projector(self.pcfg), int(enc.dim), cfg.projector_dropout).to(self.device)
+        self.head = ProjectorHead(Projector(self.pcfg), int(enc.dim), cfg.projector_dropout, cfg.null_init_std).to(
+            self.device
+        )
         self.lora = lora_layers.inject(model.unet, attention_lora_modules(model.unet), cfg.rank, self.alpha)
         if cfg.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
@@ -210,6 +212,31 @@ class ProjectorTrainer(Trainer):
                 labels_out.append(label)
         return out
 
+    def validation_requests(self, seed: int, labels_out: list[str]):
+        """One reference-mode generation per validation image, seeded per image (the 2026 protocol)."""
+        from histolab.generation import GenerationRequest
+        from histolab.training.validation import subset
+
+        # The validation images the FID reference uses (the same seeded subset when there are more than
+        # val_reference_images), each drawn once from its own embedding.
+        refs, labels = subset(self.data.val_images, self.data.val_labels, self.cfg.val_reference_images, self.cfg.seed)
+        out = []
+        for i, (ref, label) in enumerate(zip(refs, labels, strict=True)):
+            out.append(
+                GenerationRequest(
+                    mode="reference",
+                    reference=ref,
+                    steps=self.cfg.sample_steps,
+                    guidance_scale=self.cfg.sample_guidance,
+                    scheduler=self.cfg.sample_scheduler,
+                    seed=seed + i,
+                    width=self.resolution,
+                    height=self.resolution,
+                )
+            )
+            labels_out.append(label)
+        return out
+
     def save_adapter(self, folder: Path, manifest) -> None:
         from histolab.adapters import projector as pj
 
@@ -218,6 +245,12 @@ class ProjectorTrainer(Trainer):
         layers = [(p, *w.export()) for p, w in self.lora.items()]
         enc = self.encoder
         info = {"name": str(enc.name), "weights_hash": str(enc.weights_hash), "dim": int(enc.dim)}
+        # The settings it was validated with are the ones generation should use by default.
+        manifest.recommended = {
+            "guidance_scale": float(self.cfg.sample_guidance),
+            "scheduler": str(self.cfg.sample_scheduler),
+            "steps": int(self.cfg.sample_steps),
+        }
         # save() puts the projector's own settings in manifest.config; the training-only ones are in `training`.
         pj.save(folder, proj, self.head.null_embedding, layers, info, manifest)
 

@@ -262,8 +262,16 @@ class Trainer:
         timesteps = torch.randint(0, steps, (latents.shape[0],), generator=gen).to(self.device)
         return noise, timesteps
 
+    def image_prompt(self, i: int) -> str:
+        """Image ``i``'s training prompt: its own caption (captions=image, where it has one) or its class's."""
+        if self.cfg.captions == "image":
+            own = self.data.caption(i)
+            if own:
+                return own
+        return self.class_prompt(self.data.labels[i])
+
     def prompts_for(self, idx: np.ndarray, gen: torch.Generator) -> list[str]:
-        prompts = [self.class_prompt(self.data.labels[i]) for i in idx]
+        prompts = [self.image_prompt(int(i)) for i in idx]
         if self.cfg.caption_dropout > 0:
             drop = torch.rand(len(idx), generator=gen) < self.cfg.caption_dropout
             prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
@@ -286,9 +294,28 @@ class Trainer:
 
     def all_prompts(self) -> list[str]:
         out = [self.class_prompt(c) for c in self.data.classes]
+        if self.cfg.captions == "image":
+            out += self.image_captions()
         if self.cfg.caption_dropout > 0:
             out.append("")
         return out
+
+    def image_captions(self) -> list[str]:
+        """The distinct per-image captions; says how many are cut at the text encoder's 77 tokens."""
+        caps = sorted({c for c in self.data.captions if c}) if self.data.captions else []
+        if not caps:
+            self.log("captions=image, but the dataset gives no captions: every image trains on its class prompt")
+            return []
+        tok = self.model.tokenizer
+        limit = tok.model_max_length
+        long = sum(len(tok(c, truncation=False).input_ids) > limit for c in caps)
+        missing = sum(1 for c in self.data.captions if not c)
+        self.log(
+            f"captions: {len(caps)} distinct per-image captions; {long} longer than {limit} tokens are truncated"
+            + (f"; {missing} images without one use their class prompt" if missing else "")
+        )
+        self.truncated_captions = long
+        return caps
 
     def tokenize(self, prompts: list[str], tokenizer=None) -> torch.Tensor:
         tok = tokenizer or self.model.tokenizer
