@@ -348,3 +348,25 @@ def test_dataset_split_helpers(tmp_path):
     sp = ds.with_splits({"train": 0.6, "val": 0.2, "test": 0.2}, seed=0)
     assert len(sp.split("train")) == 6 and len(sp.split("val")) == 2 and len(sp.split("test")) == 2
     assert sp.split("test").labels.count(0) == 1
+
+
+def test_bundled_crop_grid_keeps_exactly_the_windows_tissue_fraction_keeps():
+    # The grid scan reads a summed-area table; it must keep the very crops a direct pass over each window keeps.
+    from histolab.data import bundled
+
+    src = bundled.TISSUE_SOURCES[0]
+    arr = bundled.source_array(src.file)
+    kept = {(c.x, c.y) for c in bundled.crops(None, stride=32, labels=(src.label,))}
+    h, w = arr.shape[:2]
+    direct, windows = set(), 0
+    for r0, r1 in bundled.bands(h).values():
+        for y in range(r0, r1 - bundled.CROP + 1, 32):
+            for x in range(0, w - bundled.CROP + 1, 32):
+                windows += 1
+                window = arr[y : y + bundled.CROP, x : x + bundled.CROP]
+                if bundled.tissue_fraction(window) >= bundled.TISSUE_MIN_FRACTION:
+                    direct.add((x, y))
+    assert kept == direct and 0 < len(kept) < windows  # and the filter rejects some glass
+    got = bundled.crops("train")
+    got.clear()  # callers get their own list: the cached grid is untouched
+    assert bundled.crops("train")
