@@ -209,3 +209,21 @@ def test_nearest_neighbours_finds_the_copy():
     idx, dist = metrics.nearest_neighbours(query, ref)
     assert idx.tolist() == [3, 10, 42]
     np.testing.assert_allclose(dist, 0.0, atol=1e-9)
+
+
+@pytest.mark.parametrize(("n1", "n2", "d"), [(12, 9, 256), (300, 200, 64)])
+def test_fid_from_rows_equals_fid_from_covariances_and_torch_fidelity(n1, n2, d):
+    # The rows path (an n1 x n2 SVD) is the same maths as the covariance path, for fewer images than
+    # dimensions (rank-deficient covariances, where validation runs) and for more.
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    real, fake = _features(6, n1, d), _features(7, n2, d, shift=0.2)
+    a, b = _stats(real), _stats(fake)
+    rows = metrics.frechet_distance_of_features(real, fake)
+    assert rows > 0.1
+    # 1e-6: the eigen path sums square roots of rounding-level eigenvalues of the singular covariances
+    assert rows == pytest.approx(metrics.frechet_distance(a.mean, a.cov, b.mean, b.cov), rel=1e-6)
+    s1 = fid_features_to_statistics(torch.from_numpy(real))
+    s2 = fid_features_to_statistics(torch.from_numpy(fake))
+    assert rows == pytest.approx(fid_statistics_to_metric(s1, s2, verbose=False)["frechet_inception_distance"], rel=REL)
+    assert metrics.frechet_distance_of_features(real, real) == pytest.approx(0.0, abs=1e-9)
