@@ -117,6 +117,9 @@ def test_a_wrong_code_then_the_right_one_signs_in(env):
     sign_in(page, "ann", "not-the-code")
     expect(page.locator("#review-status")).to_contain_text("unknown study, rater or code")
     expect(page.locator("#review-status")).to_contain_text("tries left")
+    # Counted for this rater id and for this computer (the browser's address, not one count for everyone).
+    guard = env["services"].auth.guard
+    assert guard.failures(f"rater:{STUDY}/ann") == 1 and guard.failures("client:127.0.0.1") == 1
     # The form is still there and usable: no error overlay over it, the fields take new text.
     expect(page.locator("#rater-signin")).to_be_enabled()
     assert page.locator("#rater-signin").is_visible()

@@ -140,6 +140,11 @@ class SignInGuard:
             )
         return AccessDenied(f"{message} ({left} {'try' if left == 1 else 'tries'} left before a pause)")
 
+    def failures(self, key: str) -> int:
+        """Failures counted for ``key`` in the current window (0 after a pause starts or a success)."""
+        with self._lock:
+            return len(self._failures.get(key, ()))
+
     def succeeded(self, *keys: str) -> None:
         with self._lock:
             for k in keys:

@@ -477,32 +477,37 @@ def build(services, session_state, *, api: bool = True):
             _todo_text(missing),
         )
 
-    def handled(fn):
+    def guarded(session, call) -> tuple:
         """Run a handler. A refused sign-in or an expired session shows the sign-in form again, usable, with
         the reason; a refused answer leaves the page as it is with the reason. Neither raises: an error
         event would lay Gradio's error overlay over the form the rater must use next."""
+        session = session if isinstance(session, dict) else new_session()
+        try:
+            view = call(session)
+        except AccessDenied as exc:
+            session["rater"], session["review"] = None, None
+            gr.Warning(str(exc))
+            return blank("", str(exc), show_signin=True)
+        except HistolabError as exc:
+            gr.Warning(str(exc))
+            return unchanged(str(exc))
+        signed = services.auth.valid(session.get("rater")) is not None
+        return render(view, signed)
 
+    def handled(fn):
         @ui_errors
-        def wrapper(session, *args, request: gr.Request = None):
-            session = session if isinstance(session, dict) else new_session()
-            try:
-                view = fn(session, *args, request=request)
-            except AccessDenied as exc:
-                session["rater"], session["review"] = None, None
-                gr.Warning(str(exc))
-                return blank("", str(exc), show_signin=True)
-            except HistolabError as exc:
-                gr.Warning(str(exc))
-                return unchanged(str(exc))
-            signed = services.auth.valid(session.get("rater")) is not None
-            return render(view, signed)
+        def wrapper(session, *args):
+            return guarded(session, lambda s: fn(s, *args))
 
         return wrapper
 
-    def do_sign_in(session, s, r, c, request=None):
-        return sign_in(services, session, s, r, c, client_key(request))
+    # Gradio passes the request only to a parameter before any *args: the client's address counts failed
+    # sign-ins per computer (with it missing, every computer would share one count and one pause).
+    @ui_errors
+    def do_sign_in(session, s, r, c, request: gr.Request = None):
+        return guarded(session, lambda sess: sign_in(services, sess, s, r, c, client_key(request)))
 
-    def do_submit(session, shown_id, *values, request=None):
+    def do_submit(session, shown_id, *values):
         scores = list(values[:MAX_ASPECTS])
         arte, judge, conf = values[MAX_ASPECTS : MAX_ASPECTS + 3]
         ranking = list(values[MAX_ASPECTS + 3 : MAX_ASPECTS + 3 + MAX_RANKS])
@@ -519,8 +524,8 @@ def build(services, session_state, *, api: bool = True):
     def named(name: str) -> dict:
         return {"api_name": name} if api else {"api_visibility": "private"}
 
-    signin.click(handled(do_sign_in), [session_state, study, rater, code], outputs, **named("rater_sign_in"), **light)
-    code.submit(handled(do_sign_in), [session_state, study, rater, code], outputs, api_visibility="private", **light)
+    signin.click(do_sign_in, [session_state, study, rater, code], outputs, **named("rater_sign_in"), **light)
+    code.submit(do_sign_in, [session_state, study, rater, code], outputs, api_visibility="private", **light)
     send.click(
         handled(do_submit),
         [session_state, shown, *scales, artefacts, judgement, confidence, *ranks, comment, *numbers],
@@ -557,14 +562,14 @@ def build(services, session_state, *, api: bool = True):
     )
     zoom.change(None, [zoom], None, js=ZOOM_JS, api_visibility="private")
     back.click(
-        handled(lambda session, request=None: previous(services, session)),
+        handled(lambda session: previous(services, session)),
         [session_state],
         outputs,
         **named("rater_previous"),
         **light,
     )
     signout.click(
-        handled(lambda session, request=None: sign_out(session)),
+        handled(lambda session: sign_out(session)),
         [session_state],
         outputs,
         **named("rater_sign_out"),
@@ -572,7 +577,7 @@ def build(services, session_state, *, api: bool = True):
     )
     resume_btn = gr.Button("Resume", visible=False)
     resume_btn.click(
-        handled(lambda session, request=None: resume(services, session)),
+        handled(lambda session: resume(services, session)),
         [session_state],
         outputs,
         **named("rater_resume"),

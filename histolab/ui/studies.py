@@ -348,7 +348,11 @@ def build(services, session_state):
         return gr.update(choices=ids, value=value if value in ids else (ids[-1] if ids else None))
 
     @ui_errors
-    def on_create(s, *values, request: gr.Request = None):
+    # Named parameters, not *values: Gradio passes the request only to a parameter before any *args.
+    def on_create(
+        s, sid_, title_, template_, rated_, ref_, raters_, size_, limit_, turing_, prompt_, seed_, request: gr.Request
+    ):
+        values = (sid_, title_, template_, rated_, ref_, raters_, size_, limit_, turing_, prompt_, seed_)
         out = create(services, session(s), *values)
         lines = "\n".join(f"    {line}" for line in out["lines"])
         base = base_url(request)
