@@ -534,12 +534,16 @@ def build(services, session_state, *, api: bool = True):
         **light,
     )
 
-    def readiness(session, *values):
+    def readiness(session, shown_id, *values):
         """Submit is enabled only once every required answer is set (the server checks again on submit)."""
         session = session if isinstance(session, dict) else new_session()
         cur = session.get("review")
         if cur is None or services.auth.valid(session.get("rater")) is None:
             return gr.update(interactive=False), ""
+        if shown_id != cur["task_id"]:
+            # Values of a task the page has moved past (this check ran after the next task was shown):
+            # they must not enable Submit for the new one. The new task's own changes follow.
+            return gr.update(), gr.update()
         scores = list(values[:MAX_ASPECTS])
         judge, conf = values[MAX_ASPECTS : MAX_ASPECTS + 2]
         ranking = list(values[MAX_ASPECTS + 2 : MAX_ASPECTS + 2 + MAX_RANKS])
@@ -553,7 +557,7 @@ def build(services, session_state, *, api: bool = True):
     gr.on(
         [c.change for c in answer_inputs],
         readiness,
-        [session_state, *answer_inputs],
+        [session_state, shown, *answer_inputs],
         [send, todo],
         api_visibility="private",
         show_progress="hidden",
