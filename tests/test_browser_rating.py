@@ -185,6 +185,18 @@ def test_a_whole_study_rated_with_the_keyboard_alone(env):
     page.keyboard.press("Enter")  # in the code field: signs in
     page.locator("#review-images img").wait_for()
     expect(page.locator("#review-keys")).to_contain_text("Enter")  # the legend is on the page
+    # I opens the instructions; + and - step the zoom through whole factors (Auto, 1x, 2x, ...).
+    page.keyboard.press("i")
+    expect(page.get_by_text(INSTRUCTIONS)).to_be_visible()
+    page.keyboard.press("+")
+    page.keyboard.press("+")
+    expect(page.locator("#review-zoom input[value='2']")).to_be_checked()
+    width = "() => Math.round(document.querySelector('#review-images img').getBoundingClientRect().width)"
+    page.wait_for_function(f"() => ({width})() === 96")
+    page.keyboard.press("-")
+    page.keyboard.press("-")
+    expect(page.locator("#review-zoom input[value='auto']")).to_be_checked()
+    page.wait_for_function(f"() => ({width})() === 384")
     plan = [("7", "3", "t", "s", "4"), ("0", "9", "5", "r", "1"), ("10", "2", "", "s", "5")]
     for k, (a, b, c, judge, sure) in enumerate(plan, 1):
         expect(page.locator("#review-progress")).to_contain_text(f"Item {k} of 3")

@@ -148,3 +148,6 @@ def test_review_images_are_shown_at_whole_pixel_zoom():
     assert re.search(r'alt="Image"', out) and "max-width:none" in out
     assert (auto_zoom(64, 384), auto_zoom(512, 384), auto_zoom(100, 384)) == (6, 1, 3)
     assert zoomed_images_html([], caption="Image", fit_px=384) == ""
+    assert 'alt="Set image &lt;&quot;x&quot;&gt;"' in zoomed_images_html(
+        [buf.getvalue()], caption='Set image <"x">', fit_px=9
+    )

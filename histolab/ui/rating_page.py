@@ -30,8 +30,8 @@ CSS = """
 LEGEND = (
     '<div class="histolab-small" id="review-keys-text">Keys: '
     "<kbd>0</kbd>–<kbd>9</kbd> score the highlighted scale (<kbd>T</kbd> for 10) and move on · "
-    "<kbd>↑</kbd>/<kbd>↓</kbd> another scale · <kbd>R</kbd> real · <kbd>S</kbd> synthetic · "
-    "<kbd>1</kbd>–<kbd>5</kbd> then say how sure · <kbd>Enter</kbd> submit (once every required answer is "
+    "<kbd>↑</kbd>/<kbd>↓</kbd> another scale · <kbd>R</kbd> real · <kbd>S</kbd> synthetic (then "
+    "<kbd>1</kbd>–<kbd>5</kbd>: how sure) · <kbd>Enter</kbd> submit (once every required answer is "
     "given) · <kbd>+</kbd>/<kbd>−</kbd> zoom · <kbd>I</kbd> instructions</div>"
 )
 
