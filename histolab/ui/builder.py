@@ -7,13 +7,13 @@ from typing import Any
 import gradio as gr
 
 from histolab.config import EMBEDDED_BASE_DIR, Paths
+from histolab.ui.rating_page import CSS as RATING_CSS
 from histolab.ui.services import Services
 from histolab.ui.settings import AppSettings
 
 CSS = """
 /* No page menu: the rater page is reached by the link its study's owner sends, not from a menu. */
 .nav-holder { display: none !important; }
-#review-images img, #review-references img { image-rendering: auto; }
 .histolab-small { font-size: 12px; color: #666; }
 """
 
@@ -161,7 +161,7 @@ def launch_options(
         "ssr_mode": False,  # no Node server: the page works offline from the Python server alone
         "mcp_server": False,
         "max_file_size": f"{settings.max_upload_mb}mb",
-        "css": CSS,
+        "css": CSS + RATING_CSS,
         "footer_links": ["gradio", "settings"],  # no link to the API page: the endpoints are there, not advertised
         # No run history: it would keep every call's inputs (rater codes, the admin password, ratings) in the
         # browser's storage, where the next person at a shared workstation could read them.
