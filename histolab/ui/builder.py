@@ -58,11 +58,12 @@ def build_app(services: Services | AppSettings | None = None):
                         admin_in = gr.Button("Sign in", size="sm", elem_id="admin-signin")
                         admin_out = gr.Button("Sign out", size="sm")
         loads = []
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Generate", elem_id="tab-generate"):
                 loads.append(generate.build(services, session_state))
-            with gr.Tab("Compare", elem_id="tab-compare"):
+            with gr.Tab("Compare", elem_id="tab-compare", id="compare"):
                 loads.append(compare.build(services, session_state))
+            compare.receive(loads[0], loads[1], tabs, "compare")  # "Send to Compare" on the Generate tab
             with gr.Tab("Review", elem_id="tab-review"):
                 gr.Markdown(
                     f"Raters: the page [{RATER_PATH}?study=STUDY]({RATER_PATH}) shows nothing but your tasks "
