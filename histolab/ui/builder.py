@@ -125,6 +125,7 @@ def build_app(services: Services | AppSettings | None = None):
         model_timer.tick(on_model_tick, None, [model_status, model_timer], api_visibility="private", **light)
         app.load(on_model_tick, None, [model_status, model_timer], api_visibility="private")
         app.load(status_text, [session_state], [admin_status], api_visibility="private")
+        app.load(None, js=generate.PAGE_JS, api_visibility="private", queue=False)  # Ctrl+Enter, clamp notes
         for hook in [*loads, *admin_loads]:
             app.load(ui_errors(hook.fn), hook.inputs, hook.outputs, api_visibility="private")
 

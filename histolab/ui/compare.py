@@ -271,13 +271,13 @@ def build(services, session_state):
                 seeds_go = gr.Button("Compare", variant="primary", elem_id="compare-seeds-button")
             with gr.Tab("X/Y plot"):
                 with gr.Row():
-                    x_axis = gr.Dropdown(list(AXES), value="guidance", label="X axis")
-                    x_values = gr.Textbox(value="3, 7.5, 12", label="X values")
+                    x_axis = gr.Dropdown(list(AXES), value="guidance", label="X axis", elem_id="xy-x-axis")
+                    x_values = gr.Textbox(value="3, 7.5, 12", label="X values", elem_id="xy-x-values")
                 with gr.Row():
                     y_axis = gr.Dropdown(list(AXES), value="adapter", label="Y axis")
                     y_values = gr.Textbox(value=NO_ADAPTER, label="Y values")
                 gr.Markdown(AXIS_HELP)
-                xy_go = gr.Button("Plot", variant="primary")
+                xy_go = gr.Button("Plot", variant="primary", elem_id="xy-plot-button")
             stop = gr.Button("Cancel", variant="stop")
             grid_image = gr.Image(label="Grid", type="pil", format="png", interactive=False, elem_id="compare-grid")
             cells = gr.Gallery(label="Cells (each PNG with its recipe)", format="png", columns=6)

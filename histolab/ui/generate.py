@@ -492,21 +492,47 @@ def adapter_table(services) -> list[list[str]]:
     ]
 
 
-# Ctrl+Enter (Cmd+Enter on a Mac) in either prompt box clicks Generate, as in the SD-webui. Installed on the
-# page once, the first time a prompt box gets the focus (a tab builds no page-level script of its own).
-CTRL_ENTER_JS = """
+# Run once per page (builder.py loads it): two things the SD-webui user expects of the page itself.
+# 1. Ctrl+Enter (Cmd+Enter on a Mac) in either prompt box clicks Generate.
+# 2. A slider's number box: Gradio's front end clamps a typed value to the slider's range when the box loses
+#    the focus, silently. The capture-phase listener sees the typed value first and says what is used instead.
+PAGE_JS = """
 () => {
-  if (!window.__histolabCtrlEnter) {
-    window.__histolabCtrlEnter = true;
-    document.addEventListener("keydown", (e) => {
-      if (e.key !== "Enter" || !(e.ctrlKey || e.metaKey)) return;
-      const box = e.target && e.target.closest ? e.target.closest("#prompt, #negative-prompt") : null;
-      if (!box) return;
-      e.preventDefault();
-      const go = document.querySelector("#generate-button");
-      if (go && !go.disabled) go.click();
-    }, true);
-  }
+  if (window.__histolabPage) return [];
+  window.__histolabPage = true;
+  document.addEventListener("keydown", (e) => {
+    if (e.key !== "Enter" || !(e.ctrlKey || e.metaKey)) return;
+    const box = e.target && e.target.closest ? e.target.closest("#prompt, #negative-prompt") : null;
+    if (!box) return;
+    e.preventDefault();
+    const go = document.querySelector("#generate-button");
+    if (go && !go.disabled) go.click();
+  }, true);
+  window.__histolabCtrlEnter = true;
+  document.addEventListener("blur", (e) => {
+    const box = e.target;
+    if (!(box instanceof HTMLInputElement) || box.type !== "number") return;
+    const block = box.closest(".block");
+    const range = block ? block.querySelector("input[type=range]") : null;
+    if (!range) return;
+    const v = parseFloat(box.value), lo = parseFloat(range.min), hi = parseFloat(range.max);
+    let note = block.querySelector(".histolab-clamp-note");
+    if (Number.isNaN(v) || (v >= lo && v <= hi)) {
+      if (note) note.remove();
+      return;
+    }
+    if (!note) {
+      note = document.createElement("div");
+      note.className = "histolab-clamp-note";
+      note.setAttribute("role", "status");
+      note.style.cssText = "color:#b45309;font-size:12px;margin-top:4px";
+      block.appendChild(note);
+    }
+    const label = (block.querySelector("label") || {}).textContent || "value";
+    const used = v > hi ? hi : lo;
+    const bound = v > hi ? `above the maximum ${hi}` : `below the minimum ${lo}`;
+    note.textContent = `${label.trim()}: ${box.value} is ${bound}, so ${used} is used.`;
+  }, true);
   return [];
 }
 """
@@ -583,15 +609,19 @@ def build(services, session_state):
                 )
             with gr.Row():
                 # The controls bound every number (Gradio refuses a value outside them, naming it and the bound).
-                steps = gr.Slider(1, s.max_steps, value=min(25, s.max_steps), step=1, label="Steps")
-                guidance = gr.Slider(0.0, 20.0, value=7.5, step=0.1, label="Guidance")
+                steps = gr.Slider(
+                    1, s.max_steps, value=min(25, s.max_steps), step=1, label="Steps", elem_id="generate-steps"
+                )
+                guidance = gr.Slider(0.0, 20.0, value=7.5, step=0.1, label="Guidance", elem_id="generate-guidance")
             with gr.Row():
                 scheduler = gr.Dropdown(list(SCHEDULER_NAMES), value="dpmpp_2m_karras", label="Sampler")
                 # No maximum here: a seed beyond 2^32-1 gets our message (naming the value and the range).
                 seed = gr.Number(
                     value=0, precision=0, label="Seed (image i: seed + i; -1: random)", elem_id="generate-seed"
                 )
-                batch = gr.Slider(1, s.max_batch, value=min(4, s.max_batch), step=1, label="Images")
+                batch = gr.Slider(
+                    1, s.max_batch, value=min(4, s.max_batch), step=1, label="Images", elem_id="generate-batch"
+                )
             live = gr.Checkbox(value=False, label="Live preview every few steps", elem_id="live-preview")
             with gr.Row():
                 real_class = gr.Dropdown(
@@ -667,9 +697,8 @@ def build(services, session_state):
         api_name="generate",
         concurrency_id=ACCELERATOR,
         concurrency_limit=1,
+        show_progress_on=[recipes],  # the bar sits on the recipes box; the gallery stays free for the preview
     ).success(None, js=CLEAR_ERRORS_JS, api_visibility="private", queue=False)
-    for box in (prompt, negative):
-        box.focus(None, js=CTRL_ENTER_JS, api_visibility="private", queue=False)
 
     @ui_errors
     def on_cancel(session):
