@@ -377,3 +377,13 @@ def test_grid_labels_are_wrapped_never_cut():
     long_word = "x" * 80
     lines, font, _ = _label_lines([long_word], 60, 3, draw)
     assert "".join(lines[0]) == long_word and all(draw.textlength(x, font=font) <= 60 for x in lines[0])
+
+
+def test_an_xy_seed_axis_beyond_the_range_names_it():
+    from histolab.ui.compare import parse_axis
+
+    with pytest.raises(
+        InvalidRequest, match=re.escape("`seed value` must be at most 4294967295 here but is 4294967296")
+    ):
+        parse_axis("seed", "1, 4294967296", None)
+    assert parse_axis("seed", "0, 4294967295", None) == [0, 4294967295]
