@@ -179,6 +179,7 @@ def test_the_token_counter_warns_when_clip_will_cut_the_prompt(page):
 def test_textual_inversion_tokens_are_shown_inserted_and_warned_about(page):
     set_number(page, "generate-steps", 1)
     set_number(page, "generate-seed", 31)
+    expect(page.locator("#trigger-tokens")).to_be_hidden()  # no adapter with tokens chosen yet
     choose(page, "adapter-1", TI)
     expect(page.locator("#adapter-1")).to_contain_text("textual inversion tokens: <colon_ihc> <skin_he> <tumour_he>")
     tokens = page.locator("#trigger-tokens")
@@ -228,6 +229,7 @@ def test_reference_mode_chooses_the_projector_applies_its_settings_and_shows_the
     expect(page.locator("#beside-gallery").get_by_text("reference patch", exact=True)).to_be_visible()
     page.locator("#generate-mode").get_by_text("prompt", exact=True).click()
     expect(field(page, "prompt")).to_be_enabled()
+    expect(page.locator("#mode-note")).to_contain_text(f"Prompt mode: {PROJECTOR} (Adapter 1) stays chosen")
 
 
 def test_send_to_compare_starts_from_the_generate_settings_and_the_grid_labels_stay_whole(page):

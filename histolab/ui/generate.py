@@ -171,6 +171,7 @@ def produce(
     real_class: str | None,
     progress=None,
     on_preview: Callable[[int, int, list], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Run a prepared request: gallery items, real patches (the reference first in reference mode),
     the recipes as SD-webui text, a zip of the PNGs, and the status line."""
@@ -189,7 +190,7 @@ def produce(
             if done < total and done % every == 0:  # the last step's picture is the result itself
                 on_preview(done, total, preview_images(model, latents))
 
-    cancel = threading.Event()
+    cancel = cancel or threading.Event()
     session["cancel"] = cancel  # this session's Cancel button sets it
     try:
         images = run(services, prep.source, request, step_progress(progress), cancel, on_latents)
@@ -226,6 +227,7 @@ def generate_stream(services, session: dict, prep: Prepared, real_class: str | N
     ``preview`` is on and the final outputs last. Progress is reported from this (the caller's) thread, so
     ``gr.Progress`` sees it in its own request context. Leaving early (the page closed) cancels the run."""
     events: queue.Queue = queue.Queue()
+    cancel = threading.Event()  # made here, so leaving before the worker has started still cancels it
 
     def report(fraction: float, desc: str = "") -> None:
         events.put(("progress", fraction, desc))
@@ -235,7 +237,8 @@ def generate_stream(services, session: dict, prep: Prepared, real_class: str | N
 
     def work() -> None:
         try:
-            events.put(("done", produce(services, session, prep, real_class, report, on_preview if preview else None)))
+            out = produce(services, session, prep, real_class, report, on_preview if preview else None, cancel)
+            events.put(("done", out))
         except BaseException as exc:  # handed to the caller's thread, which raises it
             events.put(("error", exc))
 
@@ -260,9 +263,7 @@ def generate_stream(services, session: dict, prep: Prepared, real_class: str | N
                 return
     finally:
         if not finished:
-            ev = session.get("cancel")
-            if ev is not None:
-                ev.set()
+            cancel.set()
 
 
 def cancel_generation(session: dict) -> str:
@@ -602,6 +603,7 @@ def build(services, session_state):
                     samples=[],
                     label="Trigger tokens of the chosen adapters: click one to add it to the prompt",
                     elem_id="trigger-tokens",
+                    visible=False,  # shown when a chosen adapter has trigger tokens
                 )
                 refresh = gr.Button("Refresh the list", size="sm")
                 table = gr.Dataframe(
@@ -715,7 +717,8 @@ def build(services, session_state):
         trigger(ui_errors(on_tokens), counter_inputs, [tokens], api_visibility="private", queue=False)
 
     def on_slot(name, *chosen):
-        return gr.update(info=trigger_info(services, name)), gr.Dataset(samples=trigger_samples(services, list(chosen)))
+        samples = trigger_samples(services, list(chosen))
+        return gr.update(info=trigger_info(services, name)), gr.Dataset(samples=samples, visible=bool(samples))
 
     for name in names:
         name.change(ui_errors(on_slot), [name, *names], [name, triggers], api_visibility="private", queue=False).then(
@@ -739,6 +742,13 @@ def build(services, session_state):
     def on_mode(m, *chosen):
         prompt_mode = m != "reference patch"
         if prompt_mode:
+            kept = [f"{n} (Adapter {i})" for i, n in enumerate(chosen, 1) if n in {p for p, _ in projectors(services)}]
+            note = (
+                f"Prompt mode: {', '.join(kept)} stays chosen and applies its attention layers to the prompt; set "
+                "it to (none) to generate from the prompt alone."
+                if kept
+                else ""
+            )
             return (
                 gr.update(visible=False),
                 gr.update(interactive=True),
@@ -747,7 +757,7 @@ def build(services, session_state):
                 gr.update(),
                 gr.update(),
                 gr.update(),
-                "",
+                note,
             )
         from histolab.adapters.recommended import recommended_settings
 
