@@ -387,3 +387,22 @@ def test_an_xy_seed_axis_beyond_the_range_names_it():
     ):
         parse_axis("seed", "1, 4294967296", None)
     assert parse_axis("seed", "0, 4294967295", None) == [0, 4294967295]
+
+
+def test_a_streaming_handlers_errors_become_gradio_errors_while_it_is_iterated():
+    import inspect
+
+    import gradio as gr
+
+    from histolab.ui.common import ui_errors
+
+    @ui_errors
+    def handler():
+        yield "preview"
+        raise InvalidRequest("Seed 5 is out of range")
+
+    assert inspect.isgeneratorfunction(handler)  # Gradio streams it only if it still looks like a generator
+    it = handler()
+    assert next(it) == "preview"
+    with pytest.raises(gr.Error, match="Seed 5 is out of range"):
+        next(it)
