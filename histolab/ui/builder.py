@@ -58,11 +58,12 @@ def build_app(services: Services | AppSettings | None = None):
                         admin_in = gr.Button("Sign in", size="sm", elem_id="admin-signin")
                         admin_out = gr.Button("Sign out", size="sm")
         loads = []
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Generate", elem_id="tab-generate"):
                 loads.append(generate.build(services, session_state))
-            with gr.Tab("Compare", elem_id="tab-compare"):
+            with gr.Tab("Compare", elem_id="tab-compare", id="compare"):
                 loads.append(compare.build(services, session_state))
+            compare.receive(loads[0], loads[1], tabs, "compare")  # "Send to Compare" on the Generate tab
             with gr.Tab("Review", elem_id="tab-review"):
                 gr.Markdown(
                     f"Raters: the page [{RATER_PATH}?study=STUDY]({RATER_PATH}) shows nothing but your tasks "
@@ -124,6 +125,7 @@ def build_app(services: Services | AppSettings | None = None):
         model_timer.tick(on_model_tick, None, [model_status, model_timer], api_visibility="private", **light)
         app.load(on_model_tick, None, [model_status, model_timer], api_visibility="private")
         app.load(status_text, [session_state], [admin_status], api_visibility="private")
+        app.load(None, js=generate.PAGE_JS, api_visibility="private", queue=False)  # Ctrl+Enter, clamp notes
         for hook in [*loads, *admin_loads]:
             app.load(ui_errors(hook.fn), hook.inputs, hook.outputs, api_visibility="private")
 
