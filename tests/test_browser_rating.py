@@ -165,6 +165,8 @@ def test_submit_stays_disabled_until_every_required_answer_is_set(env):
     expect(page.get_by_text(INSTRUCTIONS)).to_be_visible()
     page.locator("#review-zoom").get_by_text("Auto", exact=True).click()
     page.screenshot(path=str(SHOTS / "rater-page.png"), full_page=True)
+    # Quick answering never fills the app's queue: no "currently busy" toast reached the rater.
+    assert page.get_by_text("currently busy").count() == 0
     assert_blind(env, page)
 
     send.click()
@@ -212,6 +214,7 @@ def test_a_whole_study_rated_with_the_keyboard_alone(env):
         if k < 3:
             expect(page.locator("#review-status")).to_contain_text(f"answer saved ({k} of 3 done)")
     expect(page.locator("#review-progress")).to_contain_text("All your tasks are done")
+    assert page.get_by_text("currently busy").count() == 0  # keys at speed never filled the app's queue
     rows = (
         env["services"]
         .store()

@@ -554,15 +554,18 @@ def build(services, session_state, *, api: bool = True):
         return gr.update(interactive=not missing), _todo_text(missing)
 
     answer_inputs = [*scales, judgement, confidence, *ranks, *numbers]
+    # On the rater's own input only (showing the next item resets every answer, and those programmatic
+    # changes must not each send a check), and outside the queue: a quick series of clicks or keys must never
+    # fill the queue and show "This application is currently busy" to the rater.
     gr.on(
-        [c.change for c in answer_inputs],
+        [c.input for c in answer_inputs],
         readiness,
         [session_state, shown, *answer_inputs],
         [send, todo],
         api_visibility="private",
         show_progress="hidden",
         trigger_mode="always_last",
-        **light,
+        queue=False,
     )
     zoom.change(None, [zoom], None, js=ZOOM_JS, api_visibility="private")
     back.click(
