@@ -512,3 +512,59 @@ def test_sdxl_lora_on_sd15_names_the_cause(tiny_model, tmp_path):
     loaded = load(_save(tmp_path / "xl.safetensors", te2))
     with pytest.raises(AdapterError, match=r"none of its 2 layers.*SDXL LoRA"):
         loaded.payload.load_report(tiny_model, loaded.name)
+
+
+# ------------------------------------------------------------------ what loading says
+
+
+def partial_kohya_file(model, folder):
+    """The kohya file plus one layer for a module an SD-1.5-family base lacks (SDXL's second transformer block)."""
+    from adapter_corpus import _save, kohya_state
+
+    state = kohya_state(model, seed=1)
+    extra = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q"
+    state[f"{extra}.lora_down.weight"] = torch.zeros(4, 32)
+    state[f"{extra}.lora_up.weight"] = torch.zeros(32, 4)
+    return _save(folder / "style.safetensors", state), extra
+
+
+def test_cli_adapters_says_what_each_file_patches_and_ignores(tiny_model, tmp_path, capsys):
+    import json
+
+    from adapters_testkit import save_pipeline
+
+    from histolab.cli import main
+
+    root = tmp_path / "checkpoints"
+    save_pipeline(tiny_model, root / "tiny-base")
+    _, extra = partial_kohya_file(tiny_model, root)
+    BY_NAME["ti-sdwebui-pt-several"].build(tiny_model, root)
+    assert main(["adapters", "--checkpoints", str(root), "--base", str(root / "tiny-base")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = next(ln for ln in lines if ln.startswith("style "))
+    assert " yes " in row and "U-Net 48 modules, text encoder 12" in row
+    assert f"ignored 1 keys: {extra} (no such module in this base model)" in row
+    emb = next(ln for ln in lines if ln.startswith("glandemb "))
+    assert "SD-webui embedding (.pt" in emb and "tokens glandemb, glandemb_1, glandemb_2, glandemb_3" in emb
+    assert main(["adapters", "--checkpoints", str(root), "--base", str(root / "tiny-base"), "--json"]) == 0
+    rows = {r["name"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows["style"]["ignored"] == [f"{extra} (no such module in this base model)"]
+    assert "kohya / SD-webui network (diffusers block names)" in rows["style"]["report"]
+
+
+def test_a_partly_matching_file_applies_the_rest_and_warns(tiny_model, tmp_path):
+    """As diffusers/peft do, layers for modules the base lacks are left out; here the user is told which."""
+    from histolab.adapters.spec import AdapterSpec
+    from histolab.errors import AdapterWarning
+
+    path, extra = partial_kohya_file(tiny_model, tmp_path)
+    rt = AdapterRuntime()
+    warned = pytest.warns(AdapterWarning, match=f"ignored 1 keys: {extra}")
+    with warned, rt.applied(tiny_model, [AdapterSpec(str(path), 1.0)]):
+        got = unet_out(tiny_model.unet, 32), tiny_model.encode_prompt([PROMPT])
+    whole = BY_NAME["kohya-unet-te-diffusers-names"].build(tiny_model, tmp_path / "whole")  # the same, without it
+    with rt.applied(tiny_model, [AdapterSpec(str(whole), 1.0)]):
+        want = unet_out(tiny_model.unet, 32), tiny_model.encode_prompt([PROMPT])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    rep = rt.report(tiny_model, path)
+    assert (rep.unet_modules, rep.text_encoder_modules, len(rep.ignored)) == (48, 12, 1)
