@@ -164,6 +164,8 @@ def test_lora_file_matches_diffusers(name, model_name, request, tmp_path):
         assert diff < 1e-5, f"{comp}: histolab and diffusers differ by {diff}"
         assert changed == (rep.unet_modules if comp == "unet" else rep.text_encoder_modules)
 
+    if model_name != "tiny":
+        return  # the hooks' forward check below runs on the tiny model; here the layout is what is tested
     # The hooks histolab applies compute the same networks as diffusers' fused weights.
     edit = ModelEdit()
     payload.apply(model, 1.0, edit, loaded.name)
@@ -179,6 +181,30 @@ def test_lora_file_matches_diffusers(name, model_name, request, tmp_path):
 
 # Files whose writer put text-encoder layers in them (every LoRA-family file but the U-Net-only ones).
 UNET_ONLY = {"kohya-locon-ldm-names", "lycoris-loha-conv", "lycoris-lokr-conv", "peft-adapter-folder"}
+
+
+# Files the corpus writes from module shapes alone (peft needs real weights to make its files).
+SHAPE_BUILT = [n for n in LORA_FILES if not n.startswith(("diffusers-", "peft-"))]
+
+
+@pytest.fixture(scope="module")
+def sd15_meta():
+    from adapters_testkit import meta_model
+
+    return meta_model("sd15")
+
+
+@pytest.mark.parametrize("name", SHAPE_BUILT)
+def test_every_layer_finds_its_module_in_real_sd15_shapes(name, sd15_meta, tmp_path):
+    """Stable Diffusion 1.5's own networks (meta device): every layer of the file matched and shape-checked."""
+    path = BY_NAME[name].build(sd15_meta, tmp_path)
+    tensors, _ = load_state_dict(path)
+    layers = {k.split(".")[0] for k in tensors}
+    loaded = load(path)
+    rep = loaded.payload.load_report(sd15_meta, loaded.name)
+    assert not rep.ignored and rep.unet_modules + rep.text_encoder_modules == len(layers), rep.summary()
+    te = {k for k in layers if k.startswith("lora_te_")}
+    assert rep.text_encoder_modules == len(te) and (not te or len(te) == 12 * 6)  # q, k, v, out, fc1, fc2 x 12
 
 
 @pytest.mark.parametrize("name", [n for n in LORA_FILES if n not in UNET_ONLY])
@@ -568,3 +594,26 @@ def test_a_partly_matching_file_applies_the_rest_and_warns(tiny_model, tmp_path)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     rep = rt.report(tiny_model, path)
     assert (rep.unet_modules, rep.text_encoder_modules, len(rep.ignored)) == (48, 12, 1)
+
+
+@pytest.mark.parametrize(
+    "edit_state, message",
+    [
+        (lambda s, k: s.update({f"{k}.hada_w2_b": torch.zeros(3, 32)}), "hada_w1_a/b and hada_w2_a/b do not chain"),
+        (lambda s, k: s.pop(f"{k}.hada_w2_a"), "has no hada_w2_a"),
+        (
+            lambda s, k: s.update({f"{k}.hada_w1_b": torch.zeros(4, 48), f"{k}.hada_w2_b": torch.zeros(4, 48)}),
+            "the layer's weight is \\[32, 32\\]",
+        ),
+        (lambda s, k: s.update({f"{k}.dora_scale": torch.ones(7, 1)}), "DoRA magnitude has shape \\[7, 1\\]"),
+        (lambda s, k: s.update({f"{k}.hada_t1": torch.zeros(4, 4, 3, 3)}), "LoHa with Tucker decomposition"),
+    ],
+)
+def test_malformed_lycoris_layers_are_named(edit_state, message, tiny_model, tmp_path):
+    from adapter_corpus import _save, loha_state
+
+    state = loha_state(tiny_model, seed=1, te=False)
+    key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    edit_state(state, key)
+    with pytest.raises(AdapterError, match=message):
+        load(_save(tmp_path / "bad.safetensors", state)).payload.validate(tiny_model)
