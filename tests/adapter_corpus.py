@@ -242,7 +242,14 @@ def dora_kohya_state(model, *, seed: int, unet=attention):
 # ------------------------------------------------------------------ diffusers / peft (their own code)
 
 
-def _peft_copies(model, *, seed, rank, alpha, dora=False, te=True):
+UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # train_text_to_image_lora.py / train_dreambooth_lora.py's
+# The same with the ResNet convolutions and projections too: the saved file then mixes lora_A keys (convolutions,
+# which convert_state_dict_to_diffusers leaves as they are) with lora.down keys (linear layers).
+UNET_TARGETS_CONV = [*UNET_TARGETS, "proj_in", "proj_out", "ff.net.0.proj", "conv1", "conv2"]
+
+
+def _peft_copies(model, *, seed, rank, alpha, dora=False, te=True, targets=UNET_TARGETS):
+    """Copies of the networks with peft LoRA layers (random A and B, seeded): the same weights for the same seed."""
     from peft import LoraConfig
 
     torch.manual_seed(seed)
@@ -251,9 +258,7 @@ def _peft_copies(model, *, seed, rank, alpha, dora=False, te=True):
         r=rank,
         lora_alpha=alpha,
         init_lora_weights=False,  # random A and B: a zero B would make every comparison trivially equal
-        # train_text_to_image_lora.py / train_dreambooth_lora.py's targets. (With convolutions too, the file mixes
-        # lora_A keys (convs) with lora.down keys (linears), and diffusers 0.42 then drops the linear ones.)
-        target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+        target_modules=list(targets),
         use_dora=dora,
     )
     unet.add_adapter(cfg)
@@ -271,7 +276,9 @@ def _peft_copies(model, *, seed, rank, alpha, dora=False, te=True):
     return unet, cfg, text, (te_cfg if te else None)
 
 
-def diffusers_saved(model, folder: Path, *, seed: int, rank: int = 4, alpha: float = 8.0, dora: bool = False) -> Path:
+def diffusers_saved(
+    model, folder: Path, *, seed: int, rank: int = 4, alpha: float = 8.0, dora: bool = False, targets=UNET_TARGETS
+) -> Path:
     """What diffusers' train_text_to_image_lora.py / train_dreambooth_lora.py save: peft layers collected with
     ``get_peft_model_state_dict`` and written by ``StableDiffusionPipeline.save_lora_weights`` (with the
     LoraConfig as ``lora_adapter_metadata``, since lora_alpha != r)."""
@@ -279,7 +286,7 @@ def diffusers_saved(model, folder: Path, *, seed: int, rank: int = 4, alpha: flo
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    unet, cfg, text, te_cfg = _peft_copies(model, seed=seed, rank=rank, alpha=alpha, dora=dora)
+    unet, cfg, text, te_cfg = _peft_copies(model, seed=seed, rank=rank, alpha=alpha, dora=dora, targets=targets)
     StableDiffusionPipeline.save_lora_weights(
         folder,
         unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
@@ -306,22 +313,32 @@ def diffusers_saved_t4(model, folder: Path, *, seed: int) -> Path:
     return _save(folder / "pytorch_lora_weights.safetensors", renamed, meta)
 
 
-def peft_folder(model, folder: Path, *, seed: int, rank: int = 4, alpha: float = 2.0) -> Path:
-    """peft's own adapter folder for the U-Net: ``get_peft_model(unet, cfg).save_pretrained`` writes
-    adapter_model.safetensors (``base_model.model.<module>.lora_A.weight``) and adapter_config.json (r, lora_alpha)."""
+def peft_folder(model, folder: Path, *, seed: int, rank: int = 4, alpha: float = 2.0, component="unet") -> Path:
+    """peft's own adapter folder: ``get_peft_model(network, cfg).save_pretrained`` writes adapter_model.safetensors
+    (``base_model.model.<module>.lora_A.weight``, no component name) and adapter_config.json (r, lora_alpha and
+    patterns; here rsLoRA for the text encoder)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    unet = copy.deepcopy(model.unet)
-    cfg = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        init_lora_weights=False,
-        target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-        rank_pattern={"attn2.to_k": 2},
-        alpha_pattern={"attn2.to_v": 6.0},
-    )
-    peft_model = get_peft_model(unet, cfg)
+    network = copy.deepcopy(getattr(model, component))
+    if component == "unet":
+        cfg = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            init_lora_weights=False,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            rank_pattern={"attn2.to_k": 2},
+            alpha_pattern={"attn2.to_v": 6.0},
+        )
+    else:
+        cfg = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            init_lora_weights=False,
+            target_modules=["q_proj", "v_proj", "fc1"],
+            use_rslora=True,
+        )
+    peft_model = get_peft_model(network, cfg)
     peft_model.save_pretrained(str(folder))
     return folder
 
@@ -620,6 +637,20 @@ CORPUS: list[Entry] = [
         "diffusers save_lora_weights of peft DoRA layers (lora_magnitude_vector)",
         "lora",
         lambda m, d: diffusers_saved(m, d, seed=15, dora=True),
+    ),
+    Entry(
+        "diffusers-save-lora-weights-convs",
+        "lora",
+        "diffusers save_lora_weights of peft layers on attention, projections, feed-forward and ResNet convolutions",
+        "peft-model",  # diffusers drops its linear layers (see UNET_TARGETS_CONV): peft's merged model is the oracle
+        lambda m, d: diffusers_saved(m, d, seed=17, targets=UNET_TARGETS_CONV),
+    ),
+    Entry(
+        "peft-adapter-folder-text-encoder",
+        "lora",
+        "peft save_pretrained of a CLIPTextModel LoraConfig with use_rslora (keys without a component)",
+        "peft",
+        lambda m, d: peft_folder(m, d / "peft-te", seed=18, component="text_encoder"),
     ),
     Entry(
         "peft-adapter-folder",

@@ -288,21 +288,48 @@ def test_dora_follows_published_formula(name, tiny_model, tmp_path):
     assert n == len(deltas) and worst < 1e-5
 
 
-def test_peft_adapter_folder_matches_peft(tiny_model, tmp_path):
+@pytest.mark.parametrize(
+    "name, component, modules",
+    # U-Net: 4 transformer blocks x (to_q, to_k, to_v, to_out.0) x (attn1, attn2); text encoder: 2 layers x 3
+    [("peft-adapter-folder", "unet", 32), ("peft-adapter-folder-text-encoder", "text_encoder", 6)],
+)
+def test_peft_adapter_folder_matches_peft(name, component, modules, tiny_model, tmp_path):
     """peft's own reader (PeftModel.from_pretrained + merge) is the reference for its folders."""
     from peft import PeftModel
 
-    folder = BY_NAME["peft-adapter-folder"].build(tiny_model, tmp_path)
-    merged = PeftModel.from_pretrained(copy.deepcopy(tiny_model.unet), str(folder)).merge_and_unload()
+    folder = BY_NAME[name].build(tiny_model, tmp_path)
+    merged = PeftModel.from_pretrained(copy.deepcopy(getattr(tiny_model, component)), str(folder)).merge_and_unload()
     loaded = load(folder)
-    mine = ours_weights(tiny_model, loaded.payload)["unet"]
+    mine = ours_weights(tiny_model, loaded.payload)[component]
     theirs = {n: p.detach() for n, p in merged.named_parameters() if n.endswith(".weight")}
     diff = max_diff(mine, theirs)
-    report("peft-adapter-folder", "unet", diff)
+    report(name, component, diff)
     assert diff < 1e-5
     rep = loaded.payload.load_report(tiny_model, loaded.name)
-    # 4 transformer blocks x (to_q, to_k, to_v, to_out.0) in attn1 and attn2
-    assert rep.unet_modules == 32 and rep.text_encoder_modules == 0
+    got = (rep.unet_modules, rep.text_encoder_modules)
+    assert got == ((modules, 0) if component == "unet" else (0, modules)), rep.summary()
+
+
+def test_mixed_diffusers_file_matches_the_peft_model_it_was_saved_from(tiny_model, tmp_path):
+    """A save_lora_weights file with convolutions: diffusers 0.42 drops its linear layers on loading (the file mixes
+    lora_A and lora.down keys), so the peft model it was saved from, merged, is the reference."""
+    from adapter_corpus import UNET_TARGETS_CONV, _peft_copies
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    path = BY_NAME["diffusers-save-lora-weights-convs"].build(tiny_model, tmp_path)
+    unet, _, text, _ = _peft_copies(tiny_model, seed=17, rank=4, alpha=8.0, targets=UNET_TARGETS_CONV)
+    for net in (unet, text):
+        for m in net.modules():
+            if isinstance(m, BaseTunerLayer):
+                m.merge()
+    mine = ours_weights(tiny_model, load(path).payload)
+    worst = max(max_diff(mine["unet"], fused_weights(unet)), max_diff(mine["text_encoder"], fused_weights(text)))
+    report("diffusers-save-lora-weights-convs", "unet+text_encoder vs peft", worst)
+    assert worst < 1e-5
+    pipe = pipe_for(tiny_model)
+    pipe.load_lora_weights(str(path))
+    dropped = [n for n, m in pipe.unet.named_modules() if n.endswith("attn1.to_q") and not hasattr(m, "lora_A")]
+    report("diffusers-save-lora-weights-convs", f"diffusers left out attn1.to_q in {len(dropped)} blocks", 0.0)
 
 
 # ------------------------------------------------------------------ LyCORIS maths (diffusers refuses these)
