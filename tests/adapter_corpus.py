@@ -154,9 +154,10 @@ def kohya_state(
     for name, mod in unet_layers(model, unet):
         add(kohya("lora_unet_", to_ldm_name(name, model.unet.config) if ldm else name), mod)
     if te:
-        spell = te_name_t4 if te == "t4" else te_name_t5
+        spell = te_name_t5 if te == "t5" else te_name_t4
+        prefix = "lora_te1_" if te == "te1" else "lora_te_"
         for name, mod in te_layers(model):
-            add(kohya("lora_te_", spell(name)), mod)
+            add(kohya(prefix, spell(name)), mod)
     return sd
 
 
@@ -551,6 +552,13 @@ CORPUS: list[Entry] = [
         "kohya-style keys written from a transformers-5 CLIPTextModel (lora_te_encoder_layers_0_...)",
         "lora",
         _lora(kohya_state, seed=3, te="t5"),
+    ),
+    Entry(
+        "kohya-te1-prefix",
+        "lora",
+        "kohya-style file whose text-encoder keys use SDXL's lora_te1_ prefix (diffusers reads it as the text encoder)",
+        "lora",
+        _lora(kohya_state, seed=27, te="te1"),
     ),
     Entry(
         "kohya-ldm-names",

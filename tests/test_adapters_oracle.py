@@ -203,7 +203,7 @@ def test_every_layer_finds_its_module_in_real_sd15_shapes(name, sd15_meta, tmp_p
     loaded = load(path)
     rep = loaded.payload.load_report(sd15_meta, loaded.name)
     assert not rep.ignored and rep.unet_modules + rep.text_encoder_modules == len(layers), rep.summary()
-    te = {k for k in layers if k.startswith("lora_te_")}
+    te = {k for k in layers if k.startswith(("lora_te_", "lora_te1_"))}
     assert rep.text_encoder_modules == len(te) and (not te or len(te) == 12 * 6)  # q, k, v, out, fc1, fc2 x 12
 
 

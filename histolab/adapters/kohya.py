@@ -136,8 +136,10 @@ def lora_targets(unet, text_encoder) -> dict[str, tuple[str, str]]:
                 table.setdefault(kohya_name("lora_unet_", ldm), ("unet", name))
     for name, mod in text_encoder.named_modules():
         if isinstance(mod, torch.nn.Linear):
-            for spelling in te_spellings(name):
-                table.setdefault(kohya_name("lora_te_", spelling), ("text_encoder", name))
+            # lora_te1_: the SDXL-style prefix, which diffusers also reads as an SD 1.x file's text encoder.
+            for prefix in ("lora_te_", "lora_te1_"):
+                for spelling in te_spellings(name):
+                    table.setdefault(kohya_name(prefix, spelling), ("text_encoder", name))
     _TABLES[unet] = (text_encoder, table)
     return table
 
