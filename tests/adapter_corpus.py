@@ -164,7 +164,9 @@ def kohya_state(
 # ------------------------------------------------------------------ LyCORIS
 
 
-def loha_state(model, *, seed: int, unet=attention, te: bool = True, rank: int = 4, alpha: float = 2.0):
+def loha_state(
+    model, *, seed: int, unet=attention, te: bool = True, rank: int = 4, alpha: float = 2.0, tucker: bool = False
+):
     """LyCORIS LoHa (``modules/loha.py``): ``hada_w1_a`` (out, r), ``hada_w1_b`` (r, in*kh*kw), the same for w2,
     and ``alpha``; dW = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / r, reshaped to the layer's weight."""
     g = torch.Generator().manual_seed(seed)
@@ -176,6 +178,12 @@ def loha_state(model, *, seed: int, unet=attention, te: bool = True, rank: int =
         out, inp, k = _shape(mod)
         flat = inp * (k[0] * k[1] if k else 1)
         for w in ("w1", "w2"):
+            if tucker and k and k != (1, 1):
+                # use_tucker on a kxk convolution: w_a (r, out), w_b (r, in) and a core t (r, r, kh, kw)
+                sd[f"{key}.hada_{w}_a"] = torch.randn(rank, out, generator=g) * 0.3
+                sd[f"{key}.hada_{w}_b"] = torch.randn(rank, inp, generator=g) * 0.3
+                sd[f"{key}.hada_t{w[1]}"] = torch.randn(rank, rank, *k, generator=g) * 0.3
+                continue
             sd[f"{key}.hada_{w}_a"] = torch.randn(out, rank, generator=g) * 0.3
             sd[f"{key}.hada_{w}_b"] = torch.randn(rank, flat, generator=g) * 0.3
         sd[f"{key}.alpha"] = torch.tensor(alpha)
@@ -202,7 +210,9 @@ def _factor(n: int, factor: int = -1) -> tuple[int, int]:
     return (m, k) if m <= k else (k, m)
 
 
-def lokr_state(model, *, seed: int, unet=attention, te: bool = True, rank: int = 2, alpha: float = 1.0):
+def lokr_state(
+    model, *, seed: int, unet=attention, te: bool = True, rank: int = 2, alpha: float = 1.0, tucker: bool = False
+):
     """LyCORIS LoKr (``modules/lokr.py``): dW = kron(w1, w2) * scale, w1 = ``lokr_w1`` (full, small) and
     w2 = ``lokr_w2_a @ lokr_w2_b`` (low rank) or ``lokr_w2`` (full); scale = alpha / r when a factor is
     decomposed, else 1. Every other layer here uses the full w2 form, so both are in the file."""
@@ -216,12 +226,35 @@ def lokr_state(model, *, seed: int, unet=attention, te: bool = True, rank: int =
         out_l, out_k = _factor(out, 4)
         in_m, in_n = _factor(inp, 4)
         sd[f"{key}.lokr_w1"] = torch.randn(out_l, in_m, generator=g) * 0.3
-        if i % 2 or k:
+        if tucker and k and k != (1, 1):
+            # use_tucker: w2 = einsum(t2, w2_a (r, out_k), w2_b (r, in_n)) with the kernel in the core
+            sd[f"{key}.lokr_w2_a"] = torch.randn(rank, out_k, generator=g) * 0.3
+            sd[f"{key}.lokr_w2_b"] = torch.randn(rank, in_n, generator=g) * 0.3
+            sd[f"{key}.lokr_t2"] = torch.randn(rank, rank, *k, generator=g) * 0.3
+        elif i % 2 or k:
             # conv layers store w2 whole, with the kernel: (out_k, in_n, kh, kw)
             sd[f"{key}.lokr_w2"] = torch.randn(out_k, in_n, *k, generator=g) * 0.3
         else:
             sd[f"{key}.lokr_w2_a"] = torch.randn(out_k, rank, generator=g) * 0.3
             sd[f"{key}.lokr_w2_b"] = torch.randn(rank, in_n, generator=g) * 0.3
+        sd[f"{key}.alpha"] = torch.tensor(alpha)
+    return sd
+
+
+def locon_tucker_state(model, *, seed: int, rank: int = 4, alpha: float = 2.0):
+    """LyCORIS LoCon with use_tucker on kxk convolutions: ``lora_down`` (r, in, 1, 1), ``lora_mid`` (r, r, kh, kw),
+    ``lora_up`` (out, r, 1, 1); 1x1 convolutions keep the plain pair."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, mod in unet_layers(model, convs):
+        key = kohya("lora_unet_", name)
+        out, inp, k = _shape(mod)
+        if k != (1, 1):
+            sd[f"{key}.lora_down.weight"] = torch.randn(rank, inp, 1, 1, generator=g) * 0.3
+            sd[f"{key}.lora_mid.weight"] = torch.randn(rank, rank, *k, generator=g) * 0.3
+        else:
+            sd[f"{key}.lora_down.weight"] = torch.randn(rank, inp, 1, 1, generator=g) * 0.3
+        sd[f"{key}.lora_up.weight"] = torch.randn(out, rank, 1, 1, generator=g) * 0.3
         sd[f"{key}.alpha"] = torch.tensor(alpha)
     return sd
 
@@ -617,6 +650,27 @@ CORPUS: list[Entry] = [
         "LyCORIS LoKr on ResNet convolutions (w2 with the kernel)",
         "lora",
         _lora(lokr_state, seed=11, unet=convs, te=False),
+    ),
+    Entry(
+        "lycoris-loha-tucker",
+        "lora",
+        "LyCORIS LoHa with use_tucker on ResNet convolutions (hada_t1, hada_t2)",
+        "lora",
+        _lora(loha_state, seed=28, unet=convs, te=False, tucker=True),
+    ),
+    Entry(
+        "lycoris-lokr-tucker",
+        "lora",
+        "LyCORIS LoKr with use_tucker on ResNet convolutions (lokr_t2)",
+        "lora",
+        _lora(lokr_state, seed=29, unet=convs, te=False, tucker=True),
+    ),
+    Entry(
+        "lycoris-locon-tucker",
+        "lora",
+        "LyCORIS LoCon with use_tucker on ResNet convolutions (lora_mid)",
+        "lora",
+        _lora(locon_tucker_state, seed=30),
     ),
     Entry(
         "lycoris-dora-kohya",

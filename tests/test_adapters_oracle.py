@@ -27,6 +27,7 @@ HN_FILES = [e.name for e in CORPUS if e.kind == "hypernetwork"]
 SINGLE_FILES = [e.name for e in CORPUS if e.kind == "checkpoint"]
 # LyCORIS layouts diffusers' SD loader refuses (checked below, so a diffusers that learns them shows up here).
 DIFFUSERS_REFUSES = {"lycoris-loha", "lycoris-loha-conv", "lycoris-lokr", "lycoris-lokr-conv"}
+DIFFUSERS_REFUSES |= {"lycoris-loha-tucker", "lycoris-lokr-tucker", "lycoris-locon-tucker"}
 # diffusers loads it but gives one alpha to every attention projection (its kohya alpha names do not match the
 # peft module names, so they fall back to the most common alpha): kohya's own maths is the reference there.
 # diffusers drops DoRA's dora_scale from kohya/LyCORIS files (it says so and loads plain LoRA): LyCORIS's maths is
@@ -181,6 +182,7 @@ def test_lora_file_matches_diffusers(name, model_name, request, tmp_path):
 
 # Files whose writer put text-encoder layers in them (every LoRA-family file but the U-Net-only ones).
 UNET_ONLY = {"kohya-locon-ldm-names", "lycoris-loha-conv", "lycoris-lokr-conv", "peft-adapter-folder"}
+UNET_ONLY |= {"lycoris-loha-tucker", "lycoris-lokr-tucker", "lycoris-locon-tucker"}
 
 
 # Files the corpus writes from module shapes alone (peft needs real weights to make its files).
@@ -352,10 +354,29 @@ def kohya_module(model, key):
     raise KeyError(key)
 
 
+def make_weight_cp(t, wa, wb):
+    """SD-webui lyco_helpers.make_weight_cp, written out: einsum('ijkl,jr->irkl') then einsum('ijkl,ir->rjkl')."""
+    temp = torch.einsum("i j k l, j r -> i r k l", t, wb)
+    return torch.einsum("i j k l, i r -> r j k l", temp, wa)
+
+
 def loha_formula(t, key, shape):
-    """LyCORIS / SD-webui: dW = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank."""
+    """LyCORIS / SD-webui: dW = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank (Tucker: each half rebuilt by CP)."""
+    scale = float(t[f"{key}.alpha"]) / t[f"{key}.hada_w1_b"].shape[0]
+    if f"{key}.hada_t1" in t:
+        w1 = make_weight_cp(t[f"{key}.hada_t1"], t[f"{key}.hada_w1_a"], t[f"{key}.hada_w1_b"])
+        return w1 * make_weight_cp(t[f"{key}.hada_t2"], t[f"{key}.hada_w2_a"], t[f"{key}.hada_w2_b"]) * scale
     w = (t[f"{key}.hada_w1_a"] @ t[f"{key}.hada_w1_b"]) * (t[f"{key}.hada_w2_a"] @ t[f"{key}.hada_w2_b"])
-    return w.reshape(shape) * float(t[f"{key}.alpha"]) / t[f"{key}.hada_w1_b"].shape[0]
+    return w.reshape(shape) * scale
+
+
+def locon_formula(t, key, shape):
+    """SD-webui network_lora: rebuild_cp_decomposition(up, down, mid) * alpha / rank, or up @ down for 1x1."""
+    up, down = t[f"{key}.lora_up.weight"].flatten(1), t[f"{key}.lora_down.weight"].flatten(1)
+    scale = float(t[f"{key}.alpha"]) / down.shape[0]
+    if f"{key}.lora_mid.weight" in t:
+        return torch.einsum("n m k l, i n, m j -> i j k l", t[f"{key}.lora_mid.weight"], up, down) * scale
+    return (up @ down).reshape(shape) * scale
 
 
 def lokr_formula(t, key, shape):
@@ -364,7 +385,10 @@ def lokr_formula(t, key, shape):
     if f"{key}.lokr_w2" in t:
         w2, scale = t[f"{key}.lokr_w2"], 1.0
     else:
-        w2 = t[f"{key}.lokr_w2_a"] @ t[f"{key}.lokr_w2_b"]
+        if f"{key}.lokr_t2" in t:
+            w2 = make_weight_cp(t[f"{key}.lokr_t2"], t[f"{key}.lokr_w2_a"], t[f"{key}.lokr_w2_b"])
+        else:
+            w2 = t[f"{key}.lokr_w2_a"] @ t[f"{key}.lokr_w2_b"]
         scale = float(t[f"{key}.alpha"]) / t[f"{key}.lokr_w2_b"].shape[0]
     if w2.ndim == 4:
         w1 = w1[:, :, None, None]
@@ -375,7 +399,7 @@ def lokr_formula(t, key, shape):
 def test_lycoris_file_matches_published_formula(name, tiny_model, tmp_path):
     path = BY_NAME[name].build(tiny_model, tmp_path)
     tensors, _ = load_state_dict(path)
-    formula = loha_formula if "loha" in name else lokr_formula
+    formula = loha_formula if "loha" in name else locon_formula if "locon" in name else lokr_formula
     loaded = load(path)
     deltas = loaded.payload.delta_weights(tiny_model, 0.7)
     keys = sorted({k.split(".")[0] for k in tensors})
@@ -633,7 +657,8 @@ def test_a_partly_matching_file_applies_the_rest_and_warns(tiny_model, tmp_path)
             "the layer's weight is \\[32, 32\\]",
         ),
         (lambda s, k: s.update({f"{k}.dora_scale": torch.ones(7, 1)}), "DoRA magnitude has shape \\[7, 1\\]"),
-        (lambda s, k: s.update({f"{k}.hada_t1": torch.zeros(4, 4, 3, 3)}), "LoHa with Tucker decomposition"),
+        (lambda s, k: s.update({f"{k}.hada_t1": torch.zeros(4, 4, 3, 3)}), "hada_t1 or hada_t2 but not both"),
+        (lambda s, k: s.update({f"{k}.lokr_t1": torch.zeros(4, 4, 3, 3)}), "LoKr with a Tucker-decomposed first"),
     ],
 )
 def test_malformed_lycoris_layers_are_named(edit_state, message, tiny_model, tmp_path):

@@ -34,7 +34,7 @@ from typing import Any
 from histolab.adapters import lycoris
 from histolab.adapters.edit import ModelEdit
 from histolab.adapters.kohya import lora_targets, te_path
-from histolab.adapters.lycoris import LOHA_KEYS, LOKR_KEYS
+from histolab.adapters.lycoris import CP_KEYS, LOHA_KEYS, LOKR_KEYS
 from histolab.adapters.report import LoadReport
 from histolab.errors import AdapterError
 
@@ -43,15 +43,11 @@ COMPONENTS = ("unet", "text_encoder")
 
 # Other formats: named so the error says what the file is.
 _UNSUPPORTED = {
-    ".lora_mid.": "LoCon with Tucker decomposition (LyCORIS)",
-    ".hada_t1": "LoHa with Tucker decomposition (LyCORIS)",
-    ".hada_t2": "LoHa with Tucker decomposition (LyCORIS)",
-    ".lokr_t1": "LoKr with Tucker decomposition (LyCORIS)",
-    ".lokr_t2": "LoKr with Tucker decomposition (LyCORIS)",
+    ".lokr_t1": "LoKr with a Tucker-decomposed first factor (not written by LyCORIS)",
     ".on_input": "IA3 (LyCORIS)",
     ".oft_": "OFT",
 }
-KIND_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+KIND_NAMES = {"lora": "LoRA", "lora_cp": "LoCon (Tucker)", "loha": "LoHa", "lokr": "LoKr"}
 FORMAT_NAMES = {
     "peft": "peft / diffusers LoRA (lora_A/lora_B)",
     "diffusers": "diffusers LoRA (lora.down/lora.up)",
@@ -67,7 +63,7 @@ def _unsupported(key: str) -> str | None:
 
 
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
-_KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale", *LOHA_KEYS, *LOKR_KEYS)
+_KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale", *LOHA_KEYS, *LOKR_KEYS)
 _PEFT_AB = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
 _DIFFUSERS_DU = re.compile(r"^(?P<mod>.+)\.(?:lora|lora_linear_layer)\.(?P<du>down|up)\.weight$")
 _ATTN_PROC = re.compile(
@@ -472,6 +468,10 @@ def _from_kohya(tensors, metadata, where):
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
             missing = "lora_up" if "lora_down.weight" in parts else "lora_down"
             raise AdapterError(f"{where}: {base} has no {missing}.weight")
+        if "lora_mid.weight" in parts:  # LoCon with a Tucker core: a convolution's update in three factors
+            cp = {k: parts[k] for k in CP_KEYS}
+            layers.append(LoraLayer(base, None, None, alpha, kind="lora_cp", factors=cp, magnitude=magnitude))
+            continue
         layers.append(LoraLayer(base, parts["lora_down.weight"], parts["lora_up.weight"], alpha, magnitude=magnitude))
     return LoraWeights(layers, "kohya-ldm" if ldm else "kohya", metadata)
 
