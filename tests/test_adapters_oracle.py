@@ -669,3 +669,13 @@ def test_malformed_lycoris_layers_are_named(edit_state, message, tiny_model, tmp
     edit_state(state, key)
     with pytest.raises(AdapterError, match=message):
         load(_save(tmp_path / "bad.safetensors", state)).payload.validate(tiny_model)
+
+
+def test_sdxl_shaped_layers_name_sdxl(tiny_model, tmp_path):
+    from adapter_corpus import _save, kohya_state
+
+    state = kohya_state(tiny_model, seed=1, te=None)
+    key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"
+    state[key] = torch.zeros(4, 2048)
+    with pytest.raises(AdapterError, match=r"but has \[4, 2048\] \(2048 wide, SDXL's text tokens"):
+        load(_save(tmp_path / "xl.safetensors", state)).payload.validate(tiny_model)

@@ -322,6 +322,14 @@ def _check_layer(name: str, layer: LoraLayer, target: tuple[str, str], model) ->
     return ResolvedLayer(component, path, down, up, layer.scale, conv, layer.key, layer, weight_shape, axis)
 
 
+# Input widths that name the model a layer was made for, where they differ from this base's.
+_WIDTHS = {2048: "SDXL's text tokens", 1280: "SDXL's", 1024: "SD 2.x's text tokens"}
+
+
+def _width_hint(got: int, want: int) -> str:
+    return f" ({got} wide, {_WIDTHS[got]}: a LoRA for another base model)" if got != want and got in _WIDTHS else ""
+
+
 def _check_low_rank(name, layer, component, path, weight_shape, conv):
     down, up = layer.down, layer.up
     rank = layer.rank
@@ -340,7 +348,7 @@ def _check_low_rank(name, layer, component, path, weight_shape, conv):
     if tuple(down.shape) != want_down:
         raise AdapterError(
             f"{name}: {layer.key}: lora_down for {component}.{path} must have shape {list(want_down)} "
-            f"but has {list(layer.down.shape)}"
+            f"but has {list(layer.down.shape)}{_width_hint(int(down.shape[1]), want_down[1])}"
         )
     if tuple(up.shape) != want_up:
         raise AdapterError(
