@@ -135,7 +135,11 @@ class LoraWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.element_size() * t.nelement() for layer in self.layers for t in layer.tensors)
+        """The file's tensors plus the full updates cached for LoHa/LoKr/DoRA layers (the runtime's cache budget)."""
+        n = sum(t.element_size() * t.nelement() for layer in self.layers for t in layer.tensors)
+        for cached in list(self._cast.values()):
+            n += sum(d.element_size() * d.nelement() for *_, d, _m in cached[2] if d is not None)
+        return n
 
     # ------------------------------------------------------------ validate
     def _match(self, model, name: str) -> tuple[list[ResolvedLayer], list[str]]:
