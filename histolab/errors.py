@@ -32,6 +32,10 @@ class AdapterError(HistolabError):
     """An adapter does not fit the base model, or cannot be applied."""
 
 
+class AdapterWarning(UserWarning):
+    """An adapter was applied, but part of its file was not (e.g. layers naming modules the base lacks)."""
+
+
 class Cancelled(HistolabError):
     """Work was cancelled by the user."""
 

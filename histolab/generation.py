@@ -28,6 +28,9 @@ from histolab.recipe import AdapterUse, Recipe
 from histolab.schedulers import build_scheduler, check_name
 
 ProgressCallback = Callable[[int, int], None]  # (step done, total steps)
+# (step done, total steps, the latents after it): for live previews (histolab.preview); called in the
+# denoising loop under the model's lock and inference mode, so it may run the model's VAE.
+LatentsCallback = Callable[[int, int, Any], None]
 
 MAX_BATCH = 64  # per call; larger runs go through generate_to_dir
 MAX_STEPS = 1000
@@ -123,6 +126,7 @@ def generate(
     progress: ProgressCallback | None = None,
     cancel: threading.Event | Callable[[], bool] | None = None,
     seeds: list[int] | None = None,
+    on_latents: LatentsCallback | None = None,
 ) -> list[GeneratedImage]:
     """Generate ``request.batch_size`` images (or one per seed in ``seeds``)."""
     with model.lock:
@@ -135,10 +139,12 @@ def generate(
         else:
             ctx = contextlib.nullcontext([])
         with ctx as used:
-            return _generate_locked(model, request, used, progress, cancel, seeds)
+            return _generate_locked(model, request, used, progress, cancel, seeds, on_latents)
 
 
-def _generate_locked(model, request, used: list[AdapterUse], progress, cancel, seeds) -> list[GeneratedImage]:
+def _generate_locked(
+    model, request, used: list[AdapterUse], progress, cancel, seeds, on_latents=None
+) -> list[GeneratedImage]:
     import torch
 
     # 1. Check inputs.
@@ -210,6 +216,8 @@ def _generate_locked(model, request, used: list[AdapterUse], progress, cancel, s
             elif twice:
                 eps = eps[:n]
             latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
+            if on_latents is not None:
+                on_latents(i + 1, len(timesteps), latents)
             if progress is not None:
                 progress(i + 1, len(timesteps))
 

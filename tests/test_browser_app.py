@@ -154,10 +154,8 @@ def test_build_a_study_rate_it_blind_resume_and_export(env):
     admin.get_by_text("Signed in as admin").wait_for(timeout=WAIT)
     tab(admin, "Studies")
     field(admin, "study-id").fill("browser-study")
-    rated = admin.locator("#study-rated input").first
-    for name in ("model-x (generated)", "bundled-test (real)"):
-        rated.click()
-        admin.get_by_role("option", name=name).click()
+    for name in ("model-x (generated)", "bundled-test (real)"):  # a checkbox group: it stays open for each pick
+        admin.locator("#study-rated").get_by_label(name, exact=True).check()
     field(admin, "study-raters").fill("rita")
     field(admin, "study-limit").fill("2")  # images per class and set: 6 + 6 tasks
     admin.locator("#study-create").click()
@@ -165,6 +163,13 @@ def test_build_a_study_rate_it_blind_resume_and_export(env):
     found = re.search(r"rita\s+([A-Za-z0-9_-]{16})(?![A-Za-z0-9_-])", admin.locator("#study-codes").inner_text())
     assert found, admin.locator("#study-codes").inner_text()
     code = found.group(1)
+    # The invitations, all at once: to copy, and as a CSV (rater id, code, link).
+    expect(admin.locator("#study-invitations textarea")).to_have_value(re.compile(re.escape(code)))
+    csv_link = admin.locator("#study-invitations-csv a").first
+    with admin.expect_download() as dl:
+        csv_link.click()
+    lines = Path(dl.value.path()).read_text(encoding="utf-8").splitlines()
+    assert lines == ["rater_id,code,link", f"rita,{code},{url}review?study=browser-study"]
     shot(admin, "tab-studies")
     for name in ("Train", "Evaluate"):
         tab(admin, name)
@@ -212,10 +217,16 @@ def test_build_a_study_rate_it_blind_resume_and_export(env):
 
     def rate_one(i: int) -> None:
         header = rater.locator("#review-progress").inner_text()
-        field(rater, "review-aspect-0").fill(str(i % 11))
+        expect(rater.locator("#review-submit")).to_be_disabled()  # nothing is pre-set
+        n = rater.locator(".hl-scale:visible").count() - 1  # the aspects' scales (the last is "How sure?")
+        assert n == 5
+        for j in range(n):  # every answer, each on its own scale
+            rater.locator(f"#review-aspect-{j} input[type=radio][value='{(i + j) % 11}']").click()
         rater.locator("#review-artefacts").get_by_text("Patchy stromal background").click()
         rater.locator("#review-judgement").get_by_text("Synthetic" if i % 2 else "Real", exact=True).click()
+        rater.locator("#review-confidence input[type=radio][value='3']").click()
         field(rater, "review-comment").fill(f"note {i}")
+        expect(rater.locator("#review-submit")).to_be_enabled()
         doms.append(rater.content())
         rater.locator("#review-submit").click()
         # The acknowledgement itself, not just a changed header: Gradio re-renders the header while the
@@ -228,13 +239,13 @@ def test_build_a_study_rate_it_blind_resume_and_export(env):
         )
 
     sign_in()
-    assert "Task 1 of 12" in rater.locator("#review-progress").inner_text()
+    assert "Item 1 of 12" in rater.locator("#review-progress").inner_text()
     shot(rater, "tab-review")
     for i in range(3):
         rate_one(i)
     rater.reload()  # midway: a new session; the rater signs in again and resumes where they stopped
     sign_in()
-    assert "Task 4 of 12" in rater.locator("#review-progress").inner_text()
+    assert "Item 4 of 12" in rater.locator("#review-progress").inner_text()
     for i in range(3, 12):
         rate_one(i)
     rater.get_by_text("All your tasks are done").wait_for(timeout=WAIT)
@@ -246,7 +257,7 @@ def test_build_a_study_rate_it_blind_resume_and_export(env):
     # Every answer's acknowledgement and the task views (with their inline images) came through the stream.
     missing = [k for k in range(1, 13) if f"answer saved ({k} of 12 done)" not in streamed]
     assert not missing, f"acknowledgements {missing} not seen in the captured event stream"
-    assert "Task 12 of 12" in streamed and "data:image/png;base64," in streamed
+    assert "Item 12 of 12" in streamed and "data:image/png;base64," in streamed
     for text in [*doms, *(t for _, t in bodies)]:
         for word in env["forbidden"]:
             assert word not in text, word

@@ -24,12 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from histolab.adapters.edit import ModelEdit
+from histolab.adapters.kohya import te_path
+from histolab.adapters.report import LoadReport
 from histolab.errors import AdapterError
 
 COMPONENTS = ("unet", "text_encoder", "vae")
 LDM_UNET_PREFIX = "model.diffusion_model."
+_LDM_PREFIXES = (LDM_UNET_PREFIX, "first_stage_model.", "cond_stage_model.transformer.")
 # Buffers some checkpoints carry that recent transformers recompute (not in the state dict).
-_IGNORED = {"text_model.embeddings.position_ids"}
+_IGNORED = {"text_model.embeddings.position_ids", "embeddings.position_ids"}
 
 
 @dataclass
@@ -72,11 +75,10 @@ class DreamBooth:
 
     def state_for(self, model, real: bool) -> dict[str, dict[str, Any]]:
         src = self._real_state() if real else self._shape_state()
-        if "single" not in src:
-            return src
         got = self._converted.get(model.unet)
         if got is None or got[0] is not src:
-            got = (src, convert_single_file(src["single"], model))
+            comps = convert_single_file(src["single"], model) if "single" in src else dict(src)
+            got = (src, _spell_text_encoder(comps, model))
             self._converted[model.unet] = got
         return got[1]
 
@@ -115,6 +117,30 @@ class DreamBooth:
                     raise AdapterError(f"{name}: {comp}.{k} has dtype {t.dtype}; expected floating point weights")
         self._valid[model.unet] = comps
         return comps
+
+    def load_report(self, model, name: str = "DreamBooth") -> LoadReport:
+        comps = self.validate(model, name)
+        what = {
+            "single-file": "single-file checkpoint (LDM layout)",
+            "diffusers-pipeline": "diffusers pipeline folder",
+            "diffusers-unet": "diffusers U-Net folder",
+        }.get(self.format, self.format)
+
+        def modules(comp: str) -> int:
+            return len({k.rpartition(".")[0] for k in comps.get(comp, {}) if k not in _IGNORED})
+
+        rep = LoadReport(name, what, unet_modules=modules("unet"), text_encoder_modules=modules("text_encoder"))
+        if "vae" in comps:
+            rep.notes.append(f"VAE {modules('vae')} modules")
+        if "single" in self.sources:
+            raw = self._shape_state()["single"]
+            rep.ignored = sorted(k for k in raw if not k.startswith(_LDM_PREFIXES) or k.endswith("position_ids"))
+            if any(k.startswith("model_ema.") for k in raw):
+                rep.notes.append(
+                    "EMA weights (model_ema.*) present and not used: the trained weights are loaded, "
+                    "as diffusers' from_single_file does by default"
+                )
+        return rep
 
     def prepare(self, model, name: str = "DreamBooth") -> None:
         """Read the tensors (checked finite by histolab.files) before anything is applied."""
@@ -158,6 +184,18 @@ class DreamBooth:
             got = (key, comps, cast)
             self._cast[model.unet] = got
         return got[2]
+
+
+def _spell_text_encoder(comps: dict[str, dict[str, Any]], model) -> dict[str, dict[str, Any]]:
+    """Text-encoder tensors named as this base's text encoder names them.
+
+    Files saved with transformers 4 (and diffusers' LDM converter) say ``text_model.encoder...``;
+    transformers 5 flattened CLIPTextModel to ``encoder...``. Both are the same tensors.
+    """
+    te = getattr(model, "text_encoder", None)
+    if te is None or "text_encoder" not in comps:
+        return comps
+    return {**comps, "text_encoder": {te_path(te, k): v for k, v in comps["text_encoder"].items()}}
 
 
 def _merge(parts) -> dict[str, Any]:
@@ -239,6 +277,7 @@ def convert_single_file(ldm: dict, model) -> dict[str, dict[str, Any]]:
         out["unet"] = convert_ldm_unet_checkpoint(ldm, dict(model.unet.config))
         if any(k.startswith("cond_stage_model.transformer.") for k in ldm):
             te = convert_ldm_clip_checkpoint(ldm)
+            # The converter names tensors as transformers 4 does (text_model.*); the base may be flat (transformers 5).
             out["text_encoder"] = {k: v for k, v in te.items() if k not in _IGNORED}
         if getattr(model, "vae", None) is not None and any(k.startswith("first_stage_model.") for k in ldm):
             out["vae"] = convert_ldm_vae_checkpoint(ldm, dict(model.vae.config))

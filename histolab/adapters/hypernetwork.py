@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from histolab.adapters.edit import ModelEdit
+from histolab.adapters.report import LoadReport
 from histolab.errors import AdapterError
 
 WEIGHTS_NAME = "hypernetwork.safetensors"
@@ -153,6 +154,22 @@ class Hypernetwork:
             )
         self._targets[model.unet] = targets
         return targets
+
+    def load_report(self, model, name: str = "hypernetwork") -> LoadReport:
+        targets = self.validate(model, name)
+        used = set(targets.values())
+        o = self.options
+        return LoadReport(
+            name=name,
+            format=f"{'SD-webui hypernetwork (.pt)' if self.format == 'sd-webui-pt' else 'histolab hypernetwork'}, "
+            f"layers {o.layer_structure}, {o.activation_func or 'linear'}{', layer norm' if o.add_layer_norm else ''}",
+            unet_modules=len(targets),
+            ignored=[
+                f"modules for context width {w} (no attention layer of that width)"
+                for w in self.modules
+                if w not in used
+            ],
+        )
 
     def apply(self, model, strength: float, edit: ModelEdit, name: str = "hypernetwork") -> None:
         targets = self.validate(model, name)

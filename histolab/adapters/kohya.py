@@ -5,6 +5,10 @@
 * kohya-ss sd-scripts and SD-webui: the same path with ``.`` turned into ``_``
   behind a prefix, ``lora_unet_down_blocks_1_attentions_0_..._attn1_to_q`` and
   ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``;
+* text-encoder names in two generations: transformers 4 nests CLIPTextModel's
+  layers under ``text_model.``; transformers 5 flattened it
+  (``encoder.layers.0...``). Nearly every file in the wild has the prefix, so
+  both spellings are looked up whichever transformers loaded the model;
 * the LDM (CompVis / SGM) spelling of the original Stable Diffusion code, which
   some trainers write: ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``.
 
@@ -86,6 +90,21 @@ def to_ldm(name: str, config) -> str | None:
     return None
 
 
+TE_WRAPPER = "text_model."
+
+
+def te_spellings(name: str) -> tuple[str, str]:
+    """A text-encoder module or tensor name without and with transformers 4's ``text_model.`` level."""
+    flat = name.removeprefix(TE_WRAPPER)
+    return flat, TE_WRAPPER + flat
+
+
+def te_path(text_encoder, name: str) -> str:
+    """``name`` spelled the way this text encoder names its modules (with or without ``text_model.``)."""
+    flat, nested = te_spellings(name)
+    return nested if hasattr(text_encoder, "text_model") else flat
+
+
 def kohya_name(prefix: str, module_path: str) -> str:
     return prefix + module_path.replace(".", "_")
 
@@ -117,7 +136,10 @@ def lora_targets(unet, text_encoder) -> dict[str, tuple[str, str]]:
                 table.setdefault(kohya_name("lora_unet_", ldm), ("unet", name))
     for name, mod in text_encoder.named_modules():
         if isinstance(mod, torch.nn.Linear):
-            table[kohya_name("lora_te_", name)] = ("text_encoder", name)
+            # lora_te1_: the SDXL-style prefix, which diffusers also reads as an SD 1.x file's text encoder.
+            for prefix in ("lora_te_", "lora_te1_"):
+                for spelling in te_spellings(name):
+                    table.setdefault(kohya_name(prefix, spelling), ("text_encoder", name))
     _TABLES[unet] = (text_encoder, table)
     return table
 

@@ -158,7 +158,7 @@ def open_located(loc: Located, payload: Any = None) -> LoadedAdapter:
     if kind == "dreambooth":
         payload = dreambooth.DreamBooth({"single": [f]}, "single-file")
     elif kind == "lora":
-        payload = lora.from_state(tensors, meta, config, where)
+        payload = lora.from_state(tensors, meta, config, where, peft_config=_peft_config(f, where))
     elif kind == "textual_inversion":
         sdwebui = "string_to_param" in tensors or "emb_params" in tensors
         token = (manifest.trigger_token if manifest else "") or (f.stem if sdwebui else "")
@@ -178,6 +178,24 @@ def open_located(loc: Located, payload: Any = None) -> LoadedAdapter:
     else:
         raise AdapterError(f"{where}: unknown kind {kind!r}")
     return LoadedAdapter(name, kind, loc.path, digest, payload.format, manifest, payload)
+
+
+def _peft_config(weights: Path, where: str) -> dict | None:
+    """A peft folder's adapter_config.json (its lora_alpha and alpha_pattern), beside adapter_model.*."""
+    import json
+
+    cfg = weights.parent / "adapter_config.json"
+    if not weights.name.startswith("adapter_model.") or not cfg.is_file():
+        return None
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{where}: adapter_config.json cannot be read ({exc})") from exc
+    if not isinstance(data, dict):
+        raise AdapterError(f"{where}: adapter_config.json is not a JSON object")
+    if data.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{where}: a peft {data.get('peft_type')} adapter; histolab loads peft LoRA adapters")
+    return data
 
 
 def _default_name(path: Path) -> str:

@@ -10,7 +10,7 @@ built from its config files, without reading its weights (``shape_model``).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from histolab.adapters.loader import candidates
@@ -30,6 +30,10 @@ class Entry:
     why: str  # why it does not fit (or a note when it does)
     trigger: str = ""
     encoder: str = ""
+    # What loading it into the base does (histolab.adapters.report.LoadReport.summary): detected format,
+    # modules patched in the U-Net and text encoder, keys ignored (each listed). Empty when not checked.
+    report: str = ""
+    ignored: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,6 +90,10 @@ def _entry(p: Path, base, runtime) -> Entry:
         try:
             a.payload.validate(base, a.name)
             e.fits = True
+            reporter = getattr(a.payload, "load_report", None)
+            if reporter is not None:
+                rep = reporter(base, a.name)
+                e.report, e.ignored = rep.summary(), list(rep.ignored)
             trained_on = (m.base.get("hash") if m else "") or ""
             if trained_on and getattr(base, "hash", "") and trained_on != base.hash:
                 e.why = f"shapes fit; trained on {m.base.get('name', '?')} ({trained_on[:10]}), not this base"

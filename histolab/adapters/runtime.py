@@ -17,6 +17,7 @@ import contextlib
 import math
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from histolab.adapters.edit import ModelEdit
 from histolab.adapters.loader import LoadedAdapter, Located, find_by_name, locate, open_located
 from histolab.adapters.reference import EmbeddingCache
 from histolab.config import Paths
-from histolab.errors import AdapterError, InvalidRequest, ModelNotFound
+from histolab.errors import AdapterError, AdapterWarning, InvalidRequest, ModelNotFound
 
 
 @dataclass
@@ -94,6 +95,20 @@ class AdapterRuntime:
             self._evict()
         return loaded
 
+    def report(self, model, ref: str | Path):
+        """What loading ``ref`` into ``model`` does (``LoadReport``): format, modules patched, keys ignored.
+
+        Raises AdapterError, as applying would, when the file does not fit (e.g. none of its keys match).
+        """
+        from histolab.adapters.report import LoadReport
+
+        a = self.load(ref)
+        reporter = getattr(a.payload, "load_report", None)
+        if reporter is None:
+            a.payload.validate(model, a.name)
+            return LoadReport(a.name, a.format)
+        return reporter(model, a.name)
+
     def _evict(self) -> None:
         total = sum(a.payload.nbytes for a in self._cache.values())
         while total > self.config.max_cache_bytes and len(self._cache) > 1:
@@ -137,6 +152,7 @@ class AdapterRuntime:
                     raise InvalidRequest(f"adapter {s.ref!r}: strength must be a finite number but is {s.strength}")
                 prepare = getattr(a.payload, "prepare", None) or a.payload.validate
                 prepare(model, a.name)
+                _warn_ignored(a, model)
             _check_together(loaded)
             edit = ModelEdit()
             uses = []
@@ -161,6 +177,16 @@ class AdapterRuntime:
         root = self.paths.checkpoints.resolve()
         p = path.resolve()
         return p.relative_to(root).as_posix() if root in p.parents else str(p)
+
+
+def _warn_ignored(a: LoadedAdapter, model) -> None:
+    """Keys a file carries that this base has no place for are never dropped silently: a warning lists them."""
+    reporter = getattr(a.payload, "load_report", None)
+    if reporter is None or a.kind == "dreambooth":  # a checkpoint's EMA/scheduler keys are expected, not news
+        return
+    rep = reporter(model, a.name)
+    if rep.ignored:
+        warnings.warn(AdapterWarning(rep.summary()), stacklevel=3)
 
 
 def _remove_uses(applied: list, uses: list) -> None:

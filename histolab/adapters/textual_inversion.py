@@ -30,10 +30,16 @@ from typing import Any
 import torch
 
 from histolab.adapters.edit import ModelEdit
+from histolab.adapters.report import LoadReport
 from histolab.errors import AdapterError
 
 WEIGHTS_NAME = "learned_embeds.safetensors"
 MAX_VECTORS = 75  # CLIP's 77 tokens minus BOS and EOS
+FORMAT_NAMES = {
+    "sd-webui-pt": "SD-webui embedding (.pt, string_to_param)",
+    "sd-webui-safetensors": "SD-webui embedding (.safetensors, emb_params)",
+    "diffusers": "diffusers learned_embeds ({token: vectors})",
+}
 
 
 @dataclass
@@ -61,6 +67,12 @@ class TextualInversion:
     @property
     def tokens(self) -> list[str]:
         return [t for e in self.embeddings for t in e.tokens]
+
+    def load_report(self, model, name: str = "textual inversion") -> LoadReport:
+        self.validate(model, name)
+        fmt = FORMAT_NAMES.get(self.format, self.format)
+        # One module patched: the token embedding, extended by the new rows.
+        return LoadReport(name=name, format=fmt, text_encoder_modules=1, tokens=tuple(self.tokens))
 
     def validate(self, model, name: str = "textual inversion") -> None:
         emb = model.text_encoder.get_input_embeddings()

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 
 NAME = "adapters"
-HELP = "list the adapters in checkpoints/ (kind, base, whether each fits the base model and why not)"
+HELP = (
+    "list the adapters in checkpoints/ (kind, base, whether each fits the base model and why not; for those that "
+    "fit, what loading does: modules patched in the U-Net and text encoder, keys ignored)"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +57,12 @@ def run(args: argparse.Namespace) -> int:
         fits = "-" if e.fits is None else ("yes" if e.fits else "no")
         extra = [
             x
-            for x in (e.why, f"trigger: {e.trigger}" if e.trigger else "", f"encoder: {e.encoder}" if e.encoder else "")
+            for x in (
+                e.why,
+                e.report.partition(": ")[2],  # the report without the name the row already shows
+                f"trigger: {e.trigger}" if e.trigger else "",
+                f"encoder: {e.encoder}" if e.encoder else "",
+            )
             if x
         ]
         rows.append((e.name, e.kind, e.format, e.base or "?", fits, "; ".join(extra)))

@@ -8,6 +8,7 @@
 - ``session``: the rater-facing API (next task, submit, progress).
 - ``analysis`` / ``stats``: summaries, agreement, Turing test, correlation with metrics.
 - ``export`` / ``report``: CSV, JSON and a self-contained HTML report (blinded or not).
+- ``invitations``: each rater's id, one-time code and rater-page link, as CSV or text to mail.
 
 A typical use::
 

@@ -78,6 +78,15 @@ class StudyConfig:
     sources: tuple[SourceConfig, ...]
     raters: tuple[RaterDef, ...] = ()
     prompts: dict[str, str] = field(default_factory=dict)  # class -> the text raters see
+    # Turing-test studies: must every task say real or synthetic (with how sure)? When false the rater may
+    # leave both unset; a judgement given still needs its confidence.
+    judgement_required: bool = True
+
+    @property
+    def required_answers(self) -> tuple[str, ...]:
+        """The answers a task cannot be submitted without: aspect keys, then "judgement" (Turing test)."""
+        keys = tuple(a.key for a in self.aspects if a.required)
+        return keys + (("judgement",) if self.turing_test and self.judgement_required else ())
 
     @property
     def rated_sources(self) -> tuple[SourceConfig, ...]:
@@ -98,6 +107,7 @@ class StudyConfig:
             "ranking": self.ranking,
             "show_prompt": self.show_prompt,
             "set_size": self.set_size,
+            "judgement_required": self.judgement_required,
             "prompts": dict(self.prompts),
             "aspects": [
                 {
@@ -107,6 +117,7 @@ class StudyConfig:
                     "type": a.type,
                     "scope": a.scope,
                     "anchors": {str(k): v for k, v in a.anchors},
+                    "required": a.required,
                 }
                 for a in self.aspects
             ],
@@ -148,6 +159,7 @@ _TOP_KEYS = {
     "sources",
     "raters",
     "prompts",
+    "required",  # default: every aspect and the judgement; a list names the answers a task needs
 }
 _SOURCE_KEYS = {"name", "kind", "path", "role", "classes", "class", "limit", "images", "description"}
 _ASPECT_KEYS = {"key", "label", "description", "type", "scope", "anchors"}
@@ -327,6 +339,26 @@ def _source(i: int, entry: Any, base_dir: Path) -> SourceConfig:
     )
 
 
+def _required(value: Any, aspects: tuple[AspectDef, ...], turing: bool) -> tuple[tuple[AspectDef, ...], bool]:
+    """The top-level ``required`` list (aspect keys and "judgement"): exactly these answers are required.
+
+    Absent: every aspect and the judgement are. Which answers a rater must give is part of the protocol, so
+    it is fixed here, stored with the study and checked by the store (an optional answer left unset is
+    stored as nothing, never as a value).
+    """
+    if value is None:
+        return aspects, True
+    keys = [a.key for a in aspects]
+    allowed = [*keys, *(["judgement"] if turing else [])]
+    if not isinstance(value, list) or not all(isinstance(k, str) for k in value):
+        raise StudyError(f"required must be a list of answer keys from {allowed}")
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise StudyError(f"required: unknown answer(s) {unknown}; this study's answers are {allowed}")
+    picked = set(value)
+    return tuple(replace(a, required=a.key in picked) for a in aspects), "judgement" in picked
+
+
 def parse_raters(entries: Any) -> tuple[RaterDef, ...]:
     if entries is None:
         return ()
@@ -409,6 +441,8 @@ def parse_config(data: Any, base_dir: str | Path = ".") -> StudyConfig:
     if ranking and len(rated) < 2:
         raise StudyError("ranking needs at least two rated sources to rank")
 
+    aspects, judgement_required = _required(data.get("required"), aspects, turing)
+
     prompts = data.get("prompts") or {}
     if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
         raise StudyError("prompts must map class names to the text raters see, e.g. {skin_he: 'H&E skin'}")
@@ -431,4 +465,5 @@ def parse_config(data: Any, base_dir: str | Path = ".") -> StudyConfig:
         sources=sources,
         raters=parse_raters(data.get("raters")),
         prompts=dict(prompts),
+        judgement_required=judgement_required,
     )

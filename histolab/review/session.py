@@ -55,6 +55,7 @@ class AspectView:
     maximum: int
     step: float | None  # 1 for "scale", None for "continuous"
     anchors: tuple[tuple[int, str], ...]
+    required: bool = True  # the task cannot be submitted without it (the study's config says which)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ class TaskImage:
 
 @dataclass(frozen=True)
 class Answers:
-    """One task's answers. ``scores`` has every aspect; ``artefacts`` the keys seen."""
+    """One task's answers. ``scores`` has every required aspect (an unset one is absent or None); ``artefacts``
+    the keys seen."""
 
     scores: dict[str, float] = field(default_factory=dict)
     artefacts: tuple[str, ...] = ()
@@ -140,6 +142,7 @@ class Task:
     ask_judgement: bool  # ask "real or synthetic?" with a confidence
     ranking_options: tuple[str, ...]  # ranking task: the model labels to order
     answers: Answers | None  # this rater's current answers, when revisiting
+    judgement_required: bool = True  # with ask_judgement: the judgement (and how sure) must be given
 
     def to_public_dict(self, images: str = "base64") -> dict[str, Any]:
         """JSON-ready form; ``images="base64"`` inlines the PNGs as data URLs, ``"omit"`` leaves them out."""
@@ -170,12 +173,14 @@ class Task:
                     "maximum": a.maximum,
                     "step": a.step,
                     "anchors": [[k, v] for k, v in a.anchors],
+                    "required": a.required,
                 }
                 for a in self.aspects
             ],
             "artefacts": [{"key": a.key, "label": a.label, "description": a.description} for a in self.artefacts],
             "ask_judgement": self.ask_judgement,
             "judgement_options": list(JUDGEMENTS) if self.ask_judgement else [],
+            "judgement_required": self.ask_judgement and self.judgement_required,
             "ranking_options": list(self.ranking_options),
             "answers": self.answers.to_dict() if self.answers else None,
         }
@@ -238,6 +243,7 @@ def _aspect_views(info: StudyInfo) -> tuple[AspectView, ...]:
             maximum=10,
             step=1.0 if a.type == "scale" else None,
             anchors=a.anchors,
+            required=a.required,
         )
         for a in info.aspects
     )
@@ -339,6 +345,7 @@ def _build_task(store: Store, info: StudyInfo, rater_id: str, asg: dict[str, Any
         ask_judgement=info.turing_test and kind != "ranking",
         ranking_options=ranking_options,
         answers=answers,
+        judgement_required=info.judgement_required,
     )
 
 
@@ -436,11 +443,18 @@ def _validate(info: StudyInfo, kind: str, a: Answers) -> dict[str, Any]:
     unknown = sorted(str(k) for k in a.scores if k not in aspects)
     if unknown:
         raise StudyError(f"unknown aspect(s) {unknown}; this study scores {list(aspects)}")
-    missing = [k for k in aspects if k not in a.scores]
+    # An unset answer (absent, or None) is never stored as a value: a required one refuses the whole
+    # submit, an optional one is stored as nothing.
+    missing = [k for k, asp in aspects.items() if asp.required and a.scores.get(k) is None]
     if missing:
-        raise StudyError(f"missing score(s) for {missing}; every aspect needs a value from 0 to 10")
+        raise StudyError(
+            f"missing score(s) for {missing}: this study requires a value from 0 to 10 for each "
+            "(nothing was stored: an unset answer is never recorded as a default)"
+        )
     scores = {}
     for k, asp in aspects.items():
+        if a.scores.get(k) is None:
+            continue
         v = _number(f"score for {k!r}", a.scores[k])
         if not 0.0 <= v <= 10.0:
             raise StudyError(f"score for {k!r} must be from 0 to 10 but is {v!r}")
@@ -456,10 +470,24 @@ def _validate(info: StudyInfo, kind: str, a: Answers) -> dict[str, Any]:
     if len(set(marks)) != len(marks):
         raise StudyError("an artefact is listed twice")
     judgement = None
-    if info.turing_test:
+    if info.turing_test and a.judgement is None and a.confidence is None and not info.judgement_required:
+        pass  # an optional judgement left unset: nothing is stored for it
+    elif info.turing_test:
+        if a.judgement is None:
+            raise StudyError(
+                "missing required judgement: say real or synthetic (and how sure) before submitting "
+                "(nothing was stored)"
+                if info.judgement_required
+                else "a confidence was given without a judgement: say real or synthetic too, or neither"
+            )
         if a.judgement not in JUDGEMENTS:
             raise StudyError(f"judgement must be one of {list(JUDGEMENTS)} but is {a.judgement!r}")
         c = a.confidence
+        if c is None:
+            raise StudyError(
+                f"missing confidence: say how sure you are ({CONFIDENCE_MIN}-{CONFIDENCE_MAX}) with the judgement "
+                "(nothing was stored)"
+            )
         if isinstance(c, bool) or not isinstance(c, int) or not CONFIDENCE_MIN <= c <= CONFIDENCE_MAX:
             raise StudyError(f"confidence must be an integer from {CONFIDENCE_MIN} to {CONFIDENCE_MAX} but is {c!r}")
         judgement = (JUDGEMENTS.index(a.judgement), c)

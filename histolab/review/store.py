@@ -228,7 +228,17 @@ _V1 = (
     "CREATE UNIQUE INDEX rankings_current ON rankings(study_id, unit_id, rater_id, source) WHERE current = 1",
 )
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "studies, sources, items, assignments and answers", _V1),)
+# Which answers a task needs is part of a study's protocol (issue 13): stored per aspect and for the
+# judgement, so the store can refuse a submit that leaves one unset. Studies made before keep "all required".
+_V2 = (
+    "ALTER TABLE aspects ADD COLUMN required INTEGER NOT NULL DEFAULT 1 CHECK (required IN (0, 1))",
+    "ALTER TABLE studies ADD COLUMN judgement_required INTEGER NOT NULL DEFAULT 1 CHECK (judgement_required IN (0, 1))",
+)
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "studies, sources, items, assignments and answers", _V1),
+    Migration(2, "required answers", _V2),
+)
 
 
 def now() -> str:

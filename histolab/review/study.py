@@ -53,6 +53,7 @@ class StudyInfo:
     aspects: tuple[AspectDef, ...]
     artefacts: tuple[ArtefactDef, ...]
     sources: tuple[dict[str, Any], ...]  # name, kind, role, label, path, description
+    judgement_required: bool = True  # Turing test: a task needs its real-or-synthetic judgement
 
     @property
     def labels(self) -> dict[str, str]:
@@ -136,6 +137,7 @@ def load_study(store: Store, study_id: str) -> StudyInfo:
             type=r["type"],
             scope=r["scope"],
             anchors=tuple((int(k), v) for k, v in json.loads(r["anchors_json"]).items()),
+            required=bool(r["required"]),
         )
         for r in db.query("SELECT * FROM aspects WHERE study_id = ? ORDER BY position", [study_id])
     )
@@ -166,6 +168,7 @@ def load_study(store: Store, study_id: str) -> StudyInfo:
         aspects=aspects,
         artefacts=artefacts,
         sources=sources,
+        judgement_required=bool(s["judgement_required"]),
     )
 
 
@@ -370,6 +373,7 @@ def _create_locked(store: Store, config: StudyConfig) -> CreationReport:
                     "ranking": int(config.ranking),
                     "show_prompt": int(config.show_prompt),
                     "set_size": config.set_size,
+                    "judgement_required": int(config.judgement_required),
                     "status": "open",
                     "config_json": json.dumps(config.to_dict(), sort_keys=True),
                     "created_at": now(),
@@ -387,6 +391,7 @@ def _create_locked(store: Store, config: StudyConfig) -> CreationReport:
                     "maximum": 10,
                     "description": a.description,
                     "anchors_json": json.dumps({str(k): v for k, v in a.anchors}),
+                    "required": int(a.required),
                 }
                 for i, a in enumerate(config.aspects)
             )

@@ -30,6 +30,9 @@ class AspectDef:
     type: str = "scale"
     scope: str = "item"
     anchors: tuple[tuple[int, str], ...] = ()
+    # A required aspect must be scored before a task can be submitted; an optional one may be left unset
+    # (then nothing is stored for it: an unset answer is never recorded as a value).
+    required: bool = True
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import hmac
+import math
 import secrets
 import threading
 import time
@@ -75,13 +76,32 @@ def check_password(password: str, stored: str) -> bool:
 
 
 class SignInGuard:
-    """Counts failed sign-ins per key (an account, a client address) and pauses keys that fail too often."""
+    """Counts failed sign-ins per key (an account, a client address) and pauses keys that fail too often.
 
-    def __init__(self, clock=time.monotonic):
+    ``clock`` (seconds, monotonic) is injected so tests step time instead of waiting on it.
+    """
+
+    def __init__(self, clock=time.monotonic, max_failures: int = MAX_FAILURES, lockout_s: float = LOCKOUT_S):
         self._clock = clock
+        self.max_failures = max_failures
+        self.lockout_s = lockout_s
         self._failures: dict[str, deque[float]] = {}
         self._locked_until: dict[str, float] = {}
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _who(key: str) -> str:
+        if key.startswith("client:"):
+            return "from this computer"
+        if key.startswith("rater:"):
+            return "for this rater id"
+        return f"for {key}"
+
+    def retry_in(self, *keys: str) -> float:
+        """Seconds until every one of ``keys`` may try again (0: now)."""
+        now = self._clock()
+        with self._lock:
+            return max([0.0, *(self._locked_until.get(k, 0.0) - now for k in keys)])
 
     def check(self, *keys: str) -> None:
         now = self._clock()
@@ -89,19 +109,41 @@ class SignInGuard:
             for k in keys:
                 until = self._locked_until.get(k, 0.0)
                 if until > now:
-                    raise AccessDenied(f"too many failed sign-ins; try again in {int(until - now) + 1} s")
+                    raise AccessDenied(
+                        f"too many failed sign-ins {self._who(k)}; try again in {math.ceil(until - now)} s"
+                    )
 
-    def failed(self, *keys: str) -> None:
+    def failed(self, *keys: str) -> int:
+        """Count a failure; return the tries left before a pause (0: the keys are paused now)."""
         now = self._clock()
+        left = self.max_failures
         with self._lock:
             for k in keys:
                 q = self._failures.setdefault(k, deque())
                 q.append(now)
                 while q and q[0] < now - FAILURE_WINDOW_S:
                     q.popleft()
-                if len(q) >= MAX_FAILURES:
-                    self._locked_until[k] = now + LOCKOUT_S
+                if len(q) >= self.max_failures:
+                    self._locked_until[k] = now + self.lockout_s
                     q.clear()
+                    left = 0
+                else:
+                    left = min(left, self.max_failures - len(q))
+        return left
+
+    def refused(self, message: str, *keys: str) -> AccessDenied:
+        """Count a failure; the error says how many tries are left, or when to try again."""
+        left = self.failed(*keys)
+        if left == 0:
+            return AccessDenied(
+                f"{message}. Too many failed sign-ins: try again in {math.ceil(self.retry_in(*keys))} s"
+            )
+        return AccessDenied(f"{message} ({left} {'try' if left == 1 else 'tries'} left before a pause)")
+
+    def failures(self, key: str) -> int:
+        """Failures counted for ``key`` in the current window (0 after a pause starts or a success)."""
+        with self._lock:
+            return len(self._failures.get(key, ()))
 
     def succeeded(self, *keys: str) -> None:
         with self._lock:
@@ -112,11 +154,11 @@ class SignInGuard:
 class Auth:
     """Sign-in checks. ``store`` is a callable returning the review Store (opened on first use)."""
 
-    def __init__(self, settings, store, clock=time.time):
+    def __init__(self, settings, store, clock=time.time, guard: SignInGuard | None = None):
         self.settings = settings
         self._store = store
         self._clock = clock
-        self.guard = SignInGuard()
+        self.guard = guard or SignInGuard()
 
     # ------------------------------------------------------------ admin
     def admin_sign_in(self, user: str, password: str, client: str = "") -> Identity:
@@ -131,8 +173,7 @@ class Auth:
         user_ok = hmac.compare_digest(str(user or "").encode(), self.settings.admin_user.encode())
         password_ok = check_password(str(password or ""), stored)
         if not (user_ok and password_ok):
-            self.guard.failed(*keys)
-            raise AccessDenied("wrong admin name or password")
+            raise self.guard.refused("wrong admin name or password", *keys)
         self.guard.succeeded(*keys)
         return Identity("admin", self.settings.admin_user, since=self._clock())
 
@@ -149,13 +190,12 @@ class Auth:
         study_id, rater_id = str(study_id or "").strip(), str(rater_id or "").strip()
         keys = (f"rater:{study_id}/{rater_id}", f"client:{client}")
         self.guard.check(*keys)
+        # One message for every failure: it must not tell which of the three was wrong.
+        refused = "unknown study, rater or code; check what the study's owner sent you"
         if not SLUG.match(study_id) or not SLUG.match(rater_id):
-            self.guard.failed(*keys)
-            raise AccessDenied("unknown study, rater or code; check what the study's owner sent you")
+            raise self.guard.refused(refused, *keys)
         if not verify_rater_code(self._store(), study_id, rater_id, str(code or "").strip()):
-            self.guard.failed(*keys)
-            # One message for every failure: it must not tell which of the three was wrong.
-            raise AccessDenied("unknown study, rater or code; check what the study's owner sent you")
+            raise self.guard.refused(refused, *keys)
         self.guard.succeeded(*keys)
         return Identity("rater", rater_id, study_id=study_id, since=self._clock())
 

@@ -7,13 +7,13 @@ from typing import Any
 import gradio as gr
 
 from histolab.config import EMBEDDED_BASE_DIR, Paths
+from histolab.ui.rating_page import CSS as RATING_CSS
 from histolab.ui.services import Services
 from histolab.ui.settings import AppSettings
 
 CSS = """
 /* No page menu: the rater page is reached by the link its study's owner sends, not from a menu. */
 .nav-holder { display: none !important; }
-#review-images img, #review-references img { image-rendering: auto; }
 .histolab-small { font-size: 12px; color: #666; }
 """
 
@@ -58,11 +58,12 @@ def build_app(services: Services | AppSettings | None = None):
                         admin_in = gr.Button("Sign in", size="sm", elem_id="admin-signin")
                         admin_out = gr.Button("Sign out", size="sm")
         loads = []
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Generate", elem_id="tab-generate"):
                 loads.append(generate.build(services, session_state))
-            with gr.Tab("Compare", elem_id="tab-compare"):
+            with gr.Tab("Compare", elem_id="tab-compare", id="compare"):
                 loads.append(compare.build(services, session_state))
+            compare.receive(loads[0], loads[1], tabs, "compare")  # "Send to Compare" on the Generate tab
             with gr.Tab("Review", elem_id="tab-review"):
                 gr.Markdown(
                     f"Raters: the page [{RATER_PATH}?study=STUDY]({RATER_PATH}) shows nothing but your tasks "
@@ -124,6 +125,7 @@ def build_app(services: Services | AppSettings | None = None):
         model_timer.tick(on_model_tick, None, [model_status, model_timer], api_visibility="private", **light)
         app.load(on_model_tick, None, [model_status, model_timer], api_visibility="private")
         app.load(status_text, [session_state], [admin_status], api_visibility="private")
+        app.load(None, js=generate.PAGE_JS, api_visibility="private", queue=False)  # Ctrl+Enter, clamp notes
         for hook in [*loads, *admin_loads]:
             app.load(ui_errors(hook.fn), hook.inputs, hook.outputs, api_visibility="private")
 
@@ -161,7 +163,7 @@ def launch_options(
         "ssr_mode": False,  # no Node server: the page works offline from the Python server alone
         "mcp_server": False,
         "max_file_size": f"{settings.max_upload_mb}mb",
-        "css": CSS,
+        "css": CSS + RATING_CSS,
         "footer_links": ["gradio", "settings"],  # no link to the API page: the endpoints are there, not advertised
         # No run history: it would keep every call's inputs (rater codes, the admin password, ratings) in the
         # browser's storage, where the next person at a shared workstation could read them.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -35,17 +36,38 @@ def ui_errors(fn):
     as an internal error (the app keeps running, and nothing is swallowed silently)."""
     import gradio as gr
 
+    def translate(exc: Exception) -> Exception:
+        if isinstance(exc, gr.Error):
+            return exc
+        if isinstance(exc, HistolabError):
+            return gr.Error(str(exc), print_exception=False)
+        log.exception("internal error in %s", fn.__name__)
+        return gr.Error(f"internal error ({type(exc).__name__}); the server log has the details")
+
+    if inspect.isgeneratorfunction(fn):
+        # A streaming handler (live previews): Gradio must still see a generator function, and its errors
+        # arise while it is iterated, not when it is called.
+        @functools.wraps(fn)
+        def streaming(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as exc:
+                err = translate(exc)
+                if err is exc:
+                    raise
+                raise err from exc
+
+        return streaming
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except HistolabError as exc:
-            raise gr.Error(str(exc), print_exception=False) from exc
         except Exception as exc:
-            log.exception("internal error in %s", fn.__name__)
-            raise gr.Error(f"internal error ({type(exc).__name__}); the server log has the details") from exc
+            err = translate(exc)
+            if err is exc:
+                raise
+            raise err from exc
 
     return wrapper
 

@@ -10,6 +10,7 @@ from typing import Any
 from histolab.errors import InvalidRequest
 from histolab.schedulers import SCHEDULER_NAMES
 from histolab.ui.common import ACCELERATOR, OnLoad, new_session, to_int, ui_errors
+from histolab.ui.formcheck import RANDOM_SEED, SEED_MAX, check_seed
 from histolab.ui.generate import DEFAULT_PROMPT, NO_ADAPTER, NO_CLASS, Form, make_request, run
 
 AXES = ("guidance", "steps", "seed", "sampler", "adapter", "strength", "prompt")
@@ -55,7 +56,9 @@ def parse_axis(axis: str, text: str, services) -> list[Any]:
             values = [float(t) for t in text.split(",") if t.strip()]
         except ValueError:
             raise InvalidRequest(f"the {axis} axis must be numbers separated by commas, got {text!r}") from None
-    if axis in ("steps", "seed"):
+    if axis == "seed":
+        return [to_int("seed value", v, 0, SEED_MAX) for v in values]
+    if axis == "steps":
         return [to_int(f"{axis} value", v, 0) for v in values]
     return values
 
@@ -83,7 +86,7 @@ def _apply(form: Form, axis: str, value: Any) -> Form:
 
 def _label(axis: str, value: Any) -> str:
     if axis == "prompt":
-        return value if len(value) <= 40 else value[:39] + "…"
+        return value  # whole: the grid wraps it (histolab.ui.images.grid)
     return f"{axis} {value:g}" if isinstance(value, float) else f"{axis} {value}"
 
 
@@ -96,7 +99,7 @@ def xy_plot(services, session: dict, form: Form, x_axis, x_text, y_axis, y_text,
     cells = len(xs) * len(ys)
     if cells > services.settings.max_grid_cells:
         raise InvalidRequest(f"{len(xs)} x {len(ys)} = {cells} cells; at most {services.settings.max_grid_cells} here")
-    form = replace(form, batch=1, seed=to_int("seed", form.seed, 0))
+    form = replace(form, batch=1, seed=check_seed(form.seed, allow_random=False))
     # Every cell is checked before the first is generated: a bad value late in an axis fails at once.
     plan = [[make_request(services, _apply(_apply(form, x_axis, x), y_axis, y)) for x in xs] for y in ys]
     cancel = _arm(session)
@@ -130,7 +133,7 @@ def same_seeds(
     from histolab.ui.images import grid, with_recipe
 
     n = to_int("seeds", n, 1, MAX_COLUMNS)
-    form = replace(form, seed=to_int("seed", form.seed, 0))  # every row must share the seeds: no random seed
+    form = replace(form, seed=check_seed(form.seed, allow_random=False))  # every row shares the seeds: none random
     strength = form.adapters[0][1] if form.adapters else 1.0
     models = [("base", [])] + [(a, [(a, strength)]) for a in adapters if a and a != NO_ADAPTER]
     if len(models) * n > services.settings.max_grid_cells:
@@ -153,8 +156,73 @@ def same_seeds(
         real = services.real_patches(real_class, n, seed=seeds[0])
         rows.append([im for im, _ in real] + [None] * (n - len(real)))
         labels.append(f"real {real_class}")
-    image = grid(rows, labels, [f"seed {s}" for s in seeds], title=f"same seeds; prompt: {form.prompt[:60]}")
+    image = grid(rows, labels, [f"seed {s}" for s in seeds], title=f"same seeds; prompt: {form.prompt}")
     return {"grid": image, "gallery": gallery}
+
+
+def from_generate(values: list, n_adapters: int, projector_names: set[str] | None = None) -> dict[str, Any]:
+    """The Generate form's values (as its ``parts["form"]`` sends them) as Compare's fields, and a note of
+    everything Compare cannot take as it is (a random seed, reference mode, more seeds than columns)."""
+    b, m, p, neg, _ref = values[:5]
+    ad = values[5 : 5 + 2 * n_adapters]
+    st, gd, sc, sd, bt = values[5 + 2 * n_adapters :]
+    notes = []
+    pairs = [(ad[2 * i], ad[2 * i + 1]) for i in range(n_adapters) if ad[2 * i] and ad[2 * i] != NO_ADAPTER]
+    if m == "reference patch":
+        dropped = [n for n, _ in pairs if n in (projector_names or set())]
+        pairs = [(n, w) for n, w in pairs if n not in dropped]
+        notes.append(
+            "Compare works from the prompt: the reference patch"
+            + (f" and {', '.join(dropped)} are" if dropped else " is")
+            + " left out."
+        )
+    seed = check_seed(sd)
+    if str(sd).strip() in (str(RANDOM_SEED), f"{RANDOM_SEED}.0"):
+        notes.append(f"Generate's seed is -1 (random); Compare uses seed {seed}, the same for every row.")
+    n = to_int("Images", bt, 1)
+    if n > MAX_COLUMNS:
+        notes.append(
+            f"Generate makes {n} images; Compare shows {MAX_COLUMNS} seeds (columns) at most, so {MAX_COLUMNS}."
+        )
+        n = MAX_COLUMNS
+    first = pairs[0] if pairs else (NO_ADAPTER, 1.0)
+    return {
+        "base": b,
+        "prompt": p,
+        "negative": neg,
+        "steps": st,
+        "guidance": gd,
+        "scheduler": sc,
+        "seed": seed,
+        "adapter": first[0],
+        "strength": first[1],
+        "chosen": [name for name, _ in pairs],
+        "n_seeds": n,
+        "note": " ".join(["Settings from the Generate tab.", *notes]),
+    }
+
+
+def receive(generate_hook: OnLoad, compare_hook: OnLoad, tabs, compare_tab: str) -> None:
+    """Wire the Generate tab's "Send to Compare": its form fills Compare's, and the Compare tab opens."""
+    import gradio as gr
+
+    from histolab.ui.generate import projectors
+
+    services = compare_hook.parts["services"]
+    keys = ["base", "prompt", "negative", "steps", "guidance", "scheduler", "seed", "adapter", "strength", "chosen"]
+    keys += ["n_seeds", "note"]
+
+    def on_send(*values):
+        got = from_generate(list(values), generate_hook.parts["n_adapters"], {n for n, _ in projectors(services)})
+        return (*[got[k] for k in keys], gr.Tabs(selected=compare_tab))
+
+    generate_hook.parts["send"].click(
+        ui_errors(on_send),
+        inputs=generate_hook.parts["form"],
+        outputs=[*[compare_hook.parts[k] for k in keys], tabs],
+        api_visibility="private",
+        queue=False,
+    )
 
 
 def _arm(session: dict) -> threading.Event:
@@ -173,14 +241,14 @@ def build(services, session_state):
     with gr.Row():
         with gr.Column(scale=2):
             base = gr.Dropdown(base_labels, value=base_labels[0], label="Base model")
-            prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=2)
-            negative = gr.Textbox(label="Negative prompt", value="")
+            prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=2, elem_id="compare-prompt")
+            negative = gr.Textbox(label="Negative prompt", value="", elem_id="compare-negative")
             with gr.Row():
                 steps = gr.Slider(1, s.max_steps, value=min(25, s.max_steps), step=1, label="Steps")
                 guidance = gr.Slider(0.0, 20.0, value=7.5, step=0.1, label="Guidance")
             with gr.Row():
                 scheduler = gr.Dropdown(list(SCHEDULER_NAMES), value="dpmpp_2m_karras", label="Sampler")
-                seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
+                seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="compare-seed")
             with gr.Row():
                 adapter = gr.Dropdown(
                     [NO_ADAPTER], value=NO_ADAPTER, label="Adapter (X/Y plot; strength axis)", allow_custom_value=True
@@ -200,20 +268,20 @@ def build(services, session_state):
                     real_class = gr.Dropdown(
                         [NO_CLASS, *services.class_labels()], value=NO_CLASS, label="Real patches row"
                     )
-                seeds_go = gr.Button("Compare", variant="primary")
+                seeds_go = gr.Button("Compare", variant="primary", elem_id="compare-seeds-button")
             with gr.Tab("X/Y plot"):
                 with gr.Row():
-                    x_axis = gr.Dropdown(list(AXES), value="guidance", label="X axis")
-                    x_values = gr.Textbox(value="3, 7.5, 12", label="X values")
+                    x_axis = gr.Dropdown(list(AXES), value="guidance", label="X axis", elem_id="xy-x-axis")
+                    x_values = gr.Textbox(value="3, 7.5, 12", label="X values", elem_id="xy-x-values")
                 with gr.Row():
                     y_axis = gr.Dropdown(list(AXES), value="adapter", label="Y axis")
                     y_values = gr.Textbox(value=NO_ADAPTER, label="Y values")
                 gr.Markdown(AXIS_HELP)
-                xy_go = gr.Button("Plot", variant="primary")
+                xy_go = gr.Button("Plot", variant="primary", elem_id="xy-plot-button")
             stop = gr.Button("Cancel", variant="stop")
             grid_image = gr.Image(label="Grid", type="pil", format="png", interactive=False, elem_id="compare-grid")
             cells = gr.Gallery(label="Cells (each PNG with its recipe)", format="png", columns=6)
-            status = gr.Markdown("")
+            status = gr.Markdown("", elem_id="compare-status")
 
     common = [base, prompt, negative, steps, guidance, scheduler, seed, adapter, strength]
 
@@ -273,4 +341,14 @@ def build(services, session_state):
         names = [a.label for a in services.adapters() if a.usable]
         return gr.update(choices=[NO_ADAPTER, *names]), gr.update(choices=names)
 
-    return OnLoad(on_page_load, [], [adapter, chosen])
+    hook = OnLoad(on_page_load, [], [adapter, chosen])
+    hook.parts = {
+        "services": services,
+        **dict(zip(["base", "prompt", "negative", "steps", "guidance", "scheduler", "seed"], common, strict=False)),
+        "adapter": adapter,
+        "strength": strength,
+        "chosen": chosen,
+        "n_seeds": n_seeds,
+        "note": status,
+    }
+    return hook

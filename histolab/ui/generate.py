@@ -1,29 +1,49 @@
 """The Generate tab: a base model and adapters with strengths, a prompt or a reference patch,
 sampler settings, a gallery of PNGs that carry their recipes, real patches of the class beside
-them, re-running a PNG's recipe, and big batches saved as a set in the background."""
+them, re-running a PNG's recipe, and big batches saved as a set in the background.
+
+While it runs: step progress with an ETA, and (optionally) a live preview every few steps. The
+form's checks and messages live in histolab.ui.formcheck (no Gradio there)."""
 
 from __future__ import annotations
 
-import secrets
+import queue
 import threading
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from histolab.data.prompts import CLASS_PROMPTS
 from histolab.errors import InvalidRequest
 from histolab.schedulers import SCHEDULER_NAMES
-from histolab.ui.common import ACCELERATOR, OnLoad, new_session, progress_fn, to_float, to_int, ui_errors
+from histolab.ui.common import ACCELERATOR, OnLoad, new_session, to_float, to_int, ui_errors
+from histolab.ui.formcheck import (
+    NO_ADAPTER,
+    RANDOM_SEED,
+    Chosen,
+    StepProgress,
+    check_seed,
+    count_tokens,
+    insert_token,
+    missing_trigger_warnings,
+    reference_problem,
+    reference_setup,
+    ti_vectors,
+    tokenizer_for,
+)
 from histolab.ui.uploads import image_upload
 
-DEFAULT_PROMPT = "an h&e stained histology image of colon tissue"
-NO_ADAPTER = "(none)"
+# One of the embedded default's own classes (histolab.data.prompts), so the first click makes what it knows.
+DEFAULT_CLASS = "skin_he"
+DEFAULT_PROMPT = CLASS_PROMPTS[DEFAULT_CLASS]
 NO_CLASS = "(none)"
 MODES = ("prompt", "reference patch")
-RANDOM_SEED = -1  # SD-webui's convention: -1 draws a seed
+PREVIEW_FRAMES = 8  # a live preview about this many times per run (SD-webui shows one every few steps)
 
 
 @dataclass
 class Form:
-    """One generation form as the page sends it (adapters as (name, strength) pairs)."""
+    """One generation form as the page sends it (adapters as (name, strength) pairs, one per slot)."""
 
     base: str
     mode: str
@@ -38,6 +58,38 @@ class Form:
     batch: Any
 
 
+@dataclass
+class Prepared:
+    """A checked request, with what the page should say before and after it runs."""
+
+    source: str
+    request: Any
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def projectors(services) -> list[tuple[str, str]]:
+    """(name, path) of the usable projector (reference-mode) adapters in checkpoints/."""
+    return [(a.label, a.path) for a in services.adapters() if a.kind == "projector" and a.usable]
+
+
+def chosen_adapters(services, pairs: list[tuple[str, float]]) -> list[Chosen]:
+    """The form's adapters with their slot numbers, kinds and trigger tokens (unknown names are left to
+    make_request, which names them)."""
+    listed = {a.label: a for a in services.adapters()}
+    out = []
+    for i, (name, strength) in enumerate(pairs, 1):
+        a = listed.get(name)
+        if a is None or name == NO_ADAPTER:
+            continue
+        try:
+            strength = float(strength)
+        except (TypeError, ValueError):
+            strength = 1.0
+        out.append(Chosen(i, a.label, a.kind, tuple(a.trigger.split()), strength))
+    return out
+
+
 def make_request(services, form: Form):
     """(base source, GenerationRequest), checked before any model is loaded. Raises InvalidRequest."""
     from histolab.generation import AdapterSpec, GenerationRequest
@@ -49,9 +101,7 @@ def make_request(services, form: Form):
     steps = to_int("steps", form.steps, 1, s.max_steps)
     batch = to_int("batch size", form.batch, 1, s.max_batch)
     guidance = to_float("guidance", form.guidance, 0.0, 50.0)
-    seed = to_int("seed", form.seed, RANDOM_SEED)
-    if seed == RANDOM_SEED:
-        seed = secrets.randbelow(2**32)
+    seed = check_seed(form.seed)
     specs = []
     for name, strength in form.adapters:
         if not name or name == NO_ADAPTER:
@@ -64,6 +114,9 @@ def make_request(services, form: Form):
         reference = image_upload(
             form.reference, max_bytes=s.max_upload_bytes, max_side=s.max_upload_side, what="the reference patch"
         )
+        problem = reference_problem([name for name, _ in form.adapters], projectors(services))
+        if problem:
+            raise InvalidRequest(problem)
     request = GenerationRequest(
         prompt=form.prompt or "",
         negative_prompt=form.negative or "",
@@ -80,7 +133,18 @@ def make_request(services, form: Form):
     return source, request
 
 
-def run(services, source: str, request, progress=None, cancel: threading.Event | None = None):
+def prepare(services, form: Form) -> Prepared:
+    """The checked request and the warnings a run should show (gr.Warning and the status line)."""
+    source, request = make_request(services, form)
+    prep = Prepared(source, request)
+    if request.mode == "prompt":
+        prep.warnings += missing_trigger_warnings(form.prompt, form.negative, chosen_adapters(services, form.adapters))
+    if str(form.seed).strip() in (str(RANDOM_SEED), f"{RANDOM_SEED}.0"):
+        prep.notes.append(f"seed -1 drew {request.seed} (image i: {request.seed} + i)")
+    return prep
+
+
+def run(services, source: str, request, progress=None, cancel: threading.Event | None = None, on_latents=None):
     """The engine's ``generate`` on the cached model for ``source`` (adapters applied for this request only)."""
     from histolab.generation import generate
 
@@ -90,26 +154,54 @@ def run(services, source: str, request, progress=None, cancel: threading.Event |
 
         raise ModelNotFound(problem)
     model = services.model(source)
-    return generate(model, request, progress=progress, cancel=cancel)
+    return generate(model, request, progress=progress, cancel=cancel, on_latents=on_latents)
 
 
-def generate_images(services, session: dict, form: Form, real_class: str | None, progress=None) -> dict[str, Any]:
-    """Plain handler: gallery items, real patches, the recipes as SD-webui text, a zip of the PNGs."""
+def step_progress(progress, unit: str = "step"):
+    """A ``gr.Progress`` (or any ``progress(fraction, desc=...)``) fed by the engine's step callback, with an ETA."""
+    if progress is None:
+        return None
+    return StepProgress(lambda fraction, text: progress(fraction, desc=text), unit)
+
+
+def produce(
+    services,
+    session: dict,
+    prep: Prepared,
+    real_class: str | None,
+    progress=None,
+    on_preview: Callable[[int, int, list], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Run a prepared request: gallery items, real patches (the reference first in reference mode),
+    the recipes as SD-webui text, a zip of the PNGs, and the status line."""
+    from histolab.recipe import png_bytes
     from histolab.ui.images import with_recipe, zip_pngs
 
-    source, request = make_request(services, form)
-    cancel = threading.Event()
+    request = prep.request
+    on_latents = None
+    if on_preview is not None:
+        from histolab.preview import preview_images
+
+        model = services.model(prep.source)
+        every = max(1, request.steps // PREVIEW_FRAMES)
+
+        def on_latents(done: int, total: int, latents) -> None:
+            if done < total and done % every == 0:  # the last step's picture is the result itself
+                on_preview(done, total, preview_images(model, latents))
+
+    cancel = cancel or threading.Event()
     session["cancel"] = cancel  # this session's Cancel button sets it
     try:
-        images = run(services, source, request, progress_fn(progress), cancel)
+        images = run(services, prep.source, request, step_progress(progress), cancel, on_latents)
     finally:
         session["cancel"] = None
     gallery = [(with_recipe(g.image, g.recipe), f"seed {g.recipe.seed}") for g in images]
     real = []
+    if request.mode == "reference":
+        real.append((request.reference, "reference patch"))
     if real_class and real_class != NO_CLASS:
-        real = services.real_patches(real_class, len(images), seed=request.seed)
-    from histolab.recipe import png_bytes
-
+        real += services.real_patches(real_class, len(images), seed=request.seed)
     archive = zip_pngs(
         [(f"{i:03d}-seed{g.recipe.seed}.png", png_bytes(g.image, g.recipe)) for i, g in enumerate(images)],
         f"histolab-seed{request.seed}.zip",
@@ -120,7 +212,58 @@ def generate_images(services, session: dict, form: Form, real_class: str | None,
         "real": real,
         "recipes": "\n\n".join(g.recipe.to_parameters() for g in images),
         "zip": archive,
+        "warnings": list(prep.warnings),
+        "status": "\n\n".join([*(f"⚠ {w}" for w in prep.warnings), *prep.notes]),
     }
+
+
+def generate_images(services, session: dict, form: Form, real_class: str | None, progress=None) -> dict[str, Any]:
+    """Plain handler: check the form, run it in this thread, return what the page shows."""
+    return produce(services, session, prepare(services, form), real_class, progress)
+
+
+def generate_stream(services, session: dict, prep: Prepared, real_class: str | None, progress=None, preview=False):
+    """The same run in a worker thread, yielding ``{"preview": images, "text": ...}`` every few steps when
+    ``preview`` is on and the final outputs last. Progress is reported from this (the caller's) thread, so
+    ``gr.Progress`` sees it in its own request context. Leaving early (the page closed) cancels the run."""
+    events: queue.Queue = queue.Queue()
+    cancel = threading.Event()  # made here, so leaving before the worker has started still cancels it
+
+    def report(fraction: float, desc: str = "") -> None:
+        events.put(("progress", fraction, desc))
+
+    def on_preview(done: int, total: int, images: list) -> None:
+        events.put(("preview", done, total, images))
+
+    def work() -> None:
+        try:
+            out = produce(services, session, prep, real_class, report, on_preview if preview else None, cancel)
+            events.put(("done", out))
+        except BaseException as exc:  # handed to the caller's thread, which raises it
+            events.put(("error", exc))
+
+    worker = threading.Thread(target=work, name="histolab-generate", daemon=True)
+    worker.start()
+    finished = False
+    try:
+        while True:
+            kind, *rest = events.get()
+            if kind == "progress":
+                if progress is not None:
+                    progress(rest[0], desc=rest[1])
+            elif kind == "preview":
+                done, total, images = rest
+                yield {"preview": [(im, f"preview: step {done} of {total}") for im in images]}
+            elif kind == "error":
+                finished = True
+                raise rest[0]
+            else:
+                finished = True
+                yield rest[0]
+                return
+    finally:
+        if not finished:
+            cancel.set()
 
 
 def cancel_generation(session: dict) -> str:
@@ -129,6 +272,54 @@ def cancel_generation(session: dict) -> str:
         return "nothing is running in this session"
     ev.set()
     return "cancelling at the next step"
+
+
+# ------------------------------------------------------------------ the prompt's helpers
+
+
+def token_counter(services, base_label: str, prompt: str, adapter_names: list[str]) -> str:
+    """'n/75 tokens' for the base's tokenizer, with the chosen textual inversions' tokens counted as the
+    engine expands them; a warning naming the cut words past CLIP's limit."""
+    try:
+        source = services.resolve_base(base_label)
+    except InvalidRequest:
+        return ""
+    vectors: dict[str, int] = {}
+    listed = {a.label: a for a in services.adapters()}
+    for name in adapter_names:
+        a = listed.get(name)
+        if a is not None and a.kind == "textual_inversion" and a.usable:
+            vectors.update(ti_vectors(a.path))
+    return count_tokens(tokenizer_for(source), prompt, vectors).text()
+
+
+def trigger_samples(services, adapter_names: list[str]) -> list[list[str]]:
+    """The chosen adapters' trigger tokens, one sample each (the clickable list under the adapters)."""
+    listed = {a.label: a for a in services.adapters()}
+    seen, out = set(), []
+    for name in adapter_names:
+        a = listed.get(name)
+        for tok in a.trigger.split() if a is not None else []:
+            if tok not in seen:
+                seen.add(tok)
+                out.append([tok])
+    return out
+
+
+def trigger_info(services, name: str) -> str:
+    """The adapter slot's info line: its trigger tokens, where it is chosen."""
+    a = next((a for a in services.adapters() if a.label == name), None)
+    if a is None or not a.trigger:
+        return ""
+    what = "textual inversion tokens" if a.kind == "textual_inversion" else "trigger token"
+    return f"{what}: {a.trigger} (click one below to add it to the prompt)"
+
+
+def class_prompt(real_class: str) -> str:
+    """The prompt of a bundled class (its first caption template); an error for no class."""
+    if real_class not in CLASS_PROMPTS:
+        raise InvalidRequest(f"choose a class under 'Real patches of class' first (one of {sorted(CLASS_PROMPTS)})")
+    return CLASS_PROMPTS[real_class]
 
 
 # ------------------------------------------------------------------ recipes
@@ -198,7 +389,7 @@ def rerun_recipe(services, session: dict, path, reference_path, progress=None) -
         )
     source, request = make_request(services, form)
     request = replace(request, width=recipe.width, height=recipe.height)
-    images = run(services, source, request, progress_fn(progress))
+    images = run(services, source, request, step_progress(progress))
     g = images[0]
     if g.recipe.base_hash != recipe.base_hash:
         notes.append(
@@ -233,9 +424,8 @@ def start_set(services, session: dict, form: Form, name: str, n, per_class: bool
     n = to_int("images", n, 1, services.settings.max_set_images)
     if form.mode != "prompt":
         raise InvalidRequest("background sets are made from prompts; reference mode is for single patches")
-    source, request = make_request(services, replace(form, batch=min(to_int("batch", form.batch, 1), 8)))
-    from histolab.data.prompts import CLASS_PROMPTS
-
+    # The form's batch is the background run's batch too (at most the app's max_batch, checked there).
+    source, request = make_request(services, form)
     prompts = dict(CLASS_PROMPTS) if per_class else {"": request.prompt}
     params = {
         "name": name,
@@ -303,10 +493,64 @@ def adapter_table(services) -> list[list[str]]:
     ]
 
 
+# Run once per page (builder.py loads it): two things the SD-webui user expects of the page itself.
+# 1. Ctrl+Enter (Cmd+Enter on a Mac) in either prompt box clicks Generate.
+# 2. A slider's number box: Gradio's front end clamps a typed value to the slider's range when the box loses
+#    the focus, silently. The capture-phase listener sees the typed value first and says what is used instead.
+PAGE_JS = """
+() => {
+  if (window.__histolabPage) return [];
+  window.__histolabPage = true;
+  document.addEventListener("keydown", (e) => {
+    if (e.key !== "Enter" || !(e.ctrlKey || e.metaKey)) return;
+    const box = e.target && e.target.closest ? e.target.closest("#prompt, #negative-prompt") : null;
+    if (!box) return;
+    e.preventDefault();
+    const go = document.querySelector("#generate-button");
+    if (go && !go.disabled) go.click();
+  }, true);
+  window.__histolabCtrlEnter = true;
+  document.addEventListener("blur", (e) => {
+    const box = e.target;
+    if (!(box instanceof HTMLInputElement) || box.type !== "number") return;
+    const block = box.closest(".block");
+    const range = block ? block.querySelector("input[type=range]") : null;
+    if (!range) return;
+    const v = parseFloat(box.value), lo = parseFloat(range.min), hi = parseFloat(range.max);
+    let note = block.querySelector(".histolab-clamp-note");
+    if (Number.isNaN(v) || (v >= lo && v <= hi)) {
+      if (note) note.remove();
+      return;
+    }
+    if (!note) {
+      note = document.createElement("div");
+      note.className = "histolab-clamp-note";
+      note.setAttribute("role", "status");
+      note.style.cssText = "color:#b45309;font-size:12px;margin-top:4px";
+      block.appendChild(note);
+    }
+    const label = (block.querySelector("label") || {}).textContent || "value";
+    const used = v > hi ? hi : lo;
+    const bound = v > hi ? `above the maximum ${hi}` : `below the minimum ${lo}`;
+    note.textContent = `${label.trim()}: ${box.value} is ${bound}, so ${used} is used.`;
+  }, true);
+  return [];
+}
+"""
+# A run that succeeds closes the error toasts of the runs before it: the problem they named is solved.
+CLEAR_ERRORS_JS = """
+() => {
+  document.querySelectorAll(".toast-body.error .toast-close").forEach((b) => b.click());
+  return [];
+}
+"""
+
+
 def build(services, session_state):
     """The tab's components and events, inside the caller's ``gr.Blocks`` and ``gr.Tab``.
 
-    Returns (function, outputs) to run when a page loads (the lists read from disk then).
+    Returns (function, outputs) to run when a page loads (the lists read from disk then); its ``parts``
+    name the form's components for the Compare tab's "Send to Compare".
     """
     import gradio as gr
 
@@ -321,39 +565,75 @@ def build(services, session_state):
         with gr.Column(scale=2):
             with gr.Row():
                 base = gr.Dropdown(base_labels, value=base_labels[0], label="Base model")
-                mode = gr.Radio(list(MODES), value="prompt", label="Condition on")
-            prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=2)
-            negative = gr.Textbox(label="Negative prompt", value="", lines=1)
+                mode = gr.Radio(list(MODES), value="prompt", label="Condition on", elem_id="generate-mode")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=5, min_width=240):
+                    prompt = gr.Textbox(
+                        label="Prompt (Ctrl+Enter generates)", value=DEFAULT_PROMPT, lines=2, elem_id="prompt"
+                    )
+                    tokens = gr.Markdown("", elem_id="prompt-tokens", elem_classes=["histolab-small"])
+                with gr.Column(scale=1, min_width=130):
+                    go = gr.Button("Generate", variant="primary", elem_id="generate-button")
+                    stop = gr.Button("Cancel", variant="stop", elem_id="generate-cancel")
+                    send = gr.Button("Send to Compare", size="sm", elem_id="send-to-compare")
+            negative = gr.Textbox(label="Negative prompt", value="", lines=1, elem_id="negative-prompt")
+            mode_note = gr.Markdown("", elem_id="mode-note")
             with gr.Row(visible=False) as reference_row:
                 # A file, not an image input: Gradio would decode an image input before our content checks.
-                reference = gr.File(label="Reference patch (PNG/JPEG/TIFF/BMP/WebP)", type="filepath", height=120)
+                reference = gr.File(
+                    label="Reference patch (PNG/JPEG/TIFF/BMP/WebP)", type="filepath", height=120, elem_id="reference"
+                )
                 reference_preview = gr.Image(label="As read", type="pil", interactive=False, height=120)
             with gr.Accordion("Adapters from checkpoints/", open=True):
                 slots = []
                 for i in range(n_ad):
                     with gr.Row():
                         name = gr.Dropdown(
-                            [NO_ADAPTER], value=NO_ADAPTER, label=f"Adapter {i + 1}", scale=3, allow_custom_value=True
+                            [NO_ADAPTER],
+                            value=NO_ADAPTER,
+                            label=f"Adapter {i + 1}",
+                            scale=3,
+                            allow_custom_value=True,
+                            elem_id=f"adapter-{i + 1}",
                         )
                         strength = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="Strength", scale=2)
                     slots.append((name, strength))
+                triggers = gr.Dataset(
+                    components=[gr.Textbox(visible=False)],
+                    samples=[],
+                    label="Trigger tokens of the chosen adapters: click one to add it to the prompt",
+                    elem_id="trigger-tokens",
+                    visible=False,  # shown when a chosen adapter has trigger tokens
+                )
                 refresh = gr.Button("Refresh the list", size="sm")
                 table = gr.Dataframe(
                     headers=["name", "kind", "made for", "trigger", "usable"], interactive=False, wrap=True
                 )
             with gr.Row():
-                steps = gr.Slider(1, s.max_steps, value=min(25, s.max_steps), step=1, label="Steps")
-                guidance = gr.Slider(0.0, 20.0, value=7.5, step=0.1, label="Guidance")
+                # The controls bound every number (Gradio refuses a value outside them, naming it and the bound).
+                steps = gr.Slider(
+                    1, s.max_steps, value=min(25, s.max_steps), step=1, label="Steps", elem_id="generate-steps"
+                )
+                guidance = gr.Slider(0.0, 20.0, value=7.5, step=0.1, label="Guidance", elem_id="generate-guidance")
             with gr.Row():
                 scheduler = gr.Dropdown(list(SCHEDULER_NAMES), value="dpmpp_2m_karras", label="Sampler")
-                seed = gr.Number(value=0, precision=0, minimum=-1, label="Seed (image i: seed + i; -1: random)")
-                batch = gr.Slider(1, s.max_batch, value=min(4, s.max_batch), step=1, label="Images")
-            real_class = gr.Dropdown(
-                [NO_CLASS, *services.class_labels()], value=NO_CLASS, label="Real patches of class (shown beside)"
-            )
+                # No maximum here: a seed beyond 2^32-1 gets our message (naming the value and the range).
+                seed = gr.Number(
+                    value=0, precision=0, label="Seed (image i: seed + i; -1: random)", elem_id="generate-seed"
+                )
+                batch = gr.Slider(
+                    1, s.max_batch, value=min(4, s.max_batch), step=1, label="Images", elem_id="generate-batch"
+                )
+            live = gr.Checkbox(value=False, label="Live preview every few steps", elem_id="live-preview")
             with gr.Row():
-                go = gr.Button("Generate", variant="primary", elem_id="generate-button")
-                stop = gr.Button("Cancel", variant="stop")
+                real_class = gr.Dropdown(
+                    [NO_CLASS, *services.class_labels()],
+                    value=NO_CLASS,
+                    label="Real patches of class (shown beside)",
+                    elem_id="real-class",
+                    scale=3,
+                )
+                use_class = gr.Button("Use this class's prompt", size="sm", elem_id="use-class-prompt", scale=1)
         with gr.Column(scale=3):
             gallery = gr.Gallery(
                 label="Generated (each PNG carries its recipe)",
@@ -362,10 +642,15 @@ def build(services, session_state):
                 buttons=["download", "fullscreen"],
                 elem_id="generated-gallery",
             )
-            real = gr.Gallery(label="Real patches of the class (bundled test split)", columns=4, format="png")
+            real = gr.Gallery(
+                label="Beside: the reference patch, real patches of the class (bundled test split)",
+                columns=4,
+                format="png",
+                elem_id="beside-gallery",
+            )
             recipes = gr.Textbox(label="Recipes", lines=4, interactive=False)
             archive = gr.File(label="All PNGs with their recipes (zip)", interactive=False)
-            status = gr.Markdown("")
+            status = gr.Markdown("", elem_id="generate-status")
     with gr.Accordion("Re-run from a PNG's recipe", open=False):
         with gr.Row():
             recipe_png = gr.File(label="A PNG made here (or by SD-webui)", file_types=[".png"], type="filepath")
@@ -383,6 +668,7 @@ def build(services, session_state):
         set_status = gr.Markdown("")
 
     adapter_inputs = [x for pair in slots for x in pair]
+    names = [n for n, _ in slots]
     form_inputs = [base, mode, prompt, negative, reference, *adapter_inputs, steps, guidance, scheduler, seed, batch]
 
     def form_of(values: list) -> Form:
@@ -395,18 +681,26 @@ def build(services, session_state):
     @ui_errors
     def on_generate(session, *values, progress=gr.Progress()):  # noqa: B008  (Gradio injects progress this way)
         session = session if isinstance(session, dict) else new_session()
-        *form_values, cls = values
-        out = generate_images(services, session, form_of(list(form_values)), cls, progress)
-        return out["gallery"], out["real"], out["recipes"], out["zip"], ""
+        *form_values, cls, preview = values
+        prep = prepare(services, form_of(list(form_values)))
+        for w in prep.warnings:
+            gr.Warning(w)
+        for out in generate_stream(services, session, prep, cls, progress, bool(preview)):
+            if "preview" in out:
+                yield out["preview"], gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            else:
+                yield out["gallery"], out["real"], out["recipes"], out["zip"], out["status"]
 
+    # The preview checkbox comes last, so API callers that send the form as before get its default.
     go.click(
         gpu(on_generate),
-        inputs=[session_state, *form_inputs, real_class],
+        inputs=[session_state, *form_inputs, real_class, live],
         outputs=[gallery, real, recipes, archive, status],
         api_name="generate",
         concurrency_id=ACCELERATOR,
         concurrency_limit=1,
-    )
+        show_progress_on=[recipes],  # the bar sits on the recipes box; the gallery stays free for the preview
+    ).success(None, js=CLEAR_ERRORS_JS, api_visibility="private", queue=False)
 
     @ui_errors
     def on_cancel(session):
@@ -414,17 +708,79 @@ def build(services, session_state):
 
     stop.click(on_cancel, inputs=[session_state], outputs=[status], api_name="cancel_generation", queue=False)
 
+    # ---- the prompt's token counter and the adapters' trigger tokens
+    def on_tokens(b, p, *chosen):
+        return token_counter(services, b, p, list(chosen))
+
+    counter_inputs = [base, prompt, *names]
+    for trigger in (prompt.change, base.change):
+        trigger(ui_errors(on_tokens), counter_inputs, [tokens], api_visibility="private", queue=False)
+
+    def on_slot(name, *chosen):
+        samples = trigger_samples(services, list(chosen))
+        return gr.update(info=trigger_info(services, name)), gr.Dataset(samples=samples, visible=bool(samples))
+
+    for name in names:
+        name.change(ui_errors(on_slot), [name, *names], [name, triggers], api_visibility="private", queue=False).then(
+            ui_errors(on_tokens), counter_inputs, [tokens], api_visibility="private", queue=False
+        )
+
+    def on_trigger(sample, p):
+        token = sample[0] if isinstance(sample, list | tuple) and sample else str(sample or "")
+        return insert_token(p, token)
+
+    triggers.click(on_trigger, [triggers, prompt], [prompt], api_visibility="private", queue=False)
+
     def on_refresh():
         choices = [NO_ADAPTER, *[a.label for a in services.adapters(refresh=True) if a.usable]]
         return (*[gr.update(choices=choices) for _ in range(n_ad)], adapter_table(services))
 
-    list_event = refresh.click(ui_errors(on_refresh), outputs=[*[n for n, _ in slots], table], api_name="list_adapters")
+    list_event = refresh.click(ui_errors(on_refresh), outputs=[*names, table], api_name="list_adapters")
     del list_event
 
-    def on_mode(m):
-        return gr.update(visible=m == "reference patch")
+    # ---- reference mode: the only projector chosen, its recommended settings, the prompt boxes greyed out
+    def on_mode(m, *chosen):
+        prompt_mode = m != "reference patch"
+        if prompt_mode:
+            kept = [f"{n} (Adapter {i})" for i, n in enumerate(chosen, 1) if n in {p for p, _ in projectors(services)}]
+            note = (
+                f"Prompt mode: {', '.join(kept)} stays chosen and applies its attention layers to the prompt; set "
+                "it to (none) to generate from the prompt alone."
+                if kept
+                else ""
+            )
+            return (
+                gr.update(visible=False),
+                gr.update(interactive=True),
+                gr.update(interactive=True),
+                *[gr.update() for _ in range(n_ad)],
+                gr.update(),
+                gr.update(),
+                gr.update(),
+                note,
+            )
+        from histolab.adapters.recommended import recommended_settings
 
-    mode.change(on_mode, inputs=[mode], outputs=[reference_row], api_visibility="private", queue=False)
+        setup = reference_setup(list(chosen), projectors(services), s.max_steps, recommended_settings)
+        got = setup.settings
+        return (
+            gr.update(visible=True),
+            gr.update(interactive=False),
+            gr.update(interactive=False),
+            *[gr.update(value=v) if v != old else gr.update() for v, old in zip(setup.slots, chosen, strict=True)],
+            gr.update(value=got["steps"]) if "steps" in got else gr.update(),
+            gr.update(value=got["guidance"]) if "guidance" in got else gr.update(),
+            gr.update(value=got["scheduler"]) if "scheduler" in got else gr.update(),
+            f"**Reference mode.** {setup.note}",
+        )
+
+    mode.change(
+        ui_errors(on_mode),
+        inputs=[mode, *names],
+        outputs=[reference_row, prompt, negative, *names, steps, guidance, scheduler, mode_note],
+        api_visibility="private",
+        queue=False,
+    )
 
     @ui_errors
     def on_reference(path):
@@ -434,14 +790,8 @@ def build(services, session_state):
 
     reference.change(on_reference, inputs=[reference], outputs=[reference_preview], api_visibility="private")
 
-    def on_class(cls, m):
-        from histolab.data.prompts import CLASS_PROMPTS
-
-        if m == "prompt" and cls in CLASS_PROMPTS:
-            return gr.update(value=CLASS_PROMPTS[cls])
-        return gr.update()
-
-    real_class.change(on_class, inputs=[real_class, mode], outputs=[prompt], api_visibility="private", queue=False)
+    # ---- the real class beside: never touches the prompt; its prompt is a button of its own
+    use_class.click(ui_errors(class_prompt), [real_class], [prompt], api_visibility="private", queue=False)
 
     @ui_errors
     def on_load_recipe(path):
@@ -503,13 +853,17 @@ def build(services, session_state):
         api_name="generate_set",
     )
 
-    def on_page_load():
+    def on_page_load(b, p, *chosen):
         choices = [NO_ADAPTER, *[a.label for a in services.adapters() if a.usable]]
         banner = services.base_problem()
         return (
             *[gr.update(choices=choices) for _ in range(n_ad)],
             adapter_table(services),
             gr.update(value=f"**{banner}**" if banner else "", visible=bool(banner)),
+            token_counter(services, b, p, list(chosen)),
         )
 
-    return OnLoad(on_page_load, [], [*[n for n, _ in slots], table, problem])
+    hook = OnLoad(on_page_load, counter_inputs, [*names, table, problem, tokens])
+    # For "Send to Compare" (histolab.ui.compare.receive): the form as the Generate tab holds it.
+    hook.parts = {"form": form_inputs, "send": send, "n_adapters": n_ad}
+    return hook

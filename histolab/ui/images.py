@@ -26,16 +26,37 @@ def with_recipe(image: Image.Image, recipe: Recipe) -> Image.Image:
     return image
 
 
-def _font():
-    return ImageFont.load_default()
+def _font(size: int = 12):
+    return ImageFont.load_default(size=size)
 
 
-def _fit(text: str, width: int, draw: ImageDraw.ImageDraw, font) -> str:
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "…", font=font) > width:
-        text = text[:-1]
-    return text + "…"
+def _wrap(text: str, width: int, draw: ImageDraw.ImageDraw, font) -> list[str]:
+    """``text`` as lines of at most ``width`` pixels: broken at spaces, a word longer than a line broken
+    inside it. Nothing is cut: a grid label is how a reader tells its rows and columns apart."""
+    lines: list[str] = []
+    for word in str(text).split() or [""]:
+        line = f"{lines[-1]} {word}" if lines and lines[-1] else word
+        if lines and draw.textlength(line, font=font) <= width:
+            lines[-1] = line
+            continue
+        while draw.textlength(word, font=font) > width and len(word) > 1:
+            k = len(word)
+            while k > 1 and draw.textlength(word[:k], font=font) > width:
+                k -= 1
+            lines.append(word[:k])
+            word = word[k:]
+        lines.append(word)
+    return lines
+
+
+def _label_lines(labels: list[str], width: int, max_lines: int, draw) -> tuple[list[list[str]], object, int]:
+    """Every label wrapped to ``width``, in the largest font (12 px down to 8 px) where none needs more than
+    ``max_lines`` lines; at 8 px they take the lines they need. Returns (lines per label, font, line height)."""
+    for size in (12, 11, 10, 9, 8):
+        font = _font(size)
+        wrapped = [_wrap(lab, width, draw, font) for lab in labels]
+        if max((len(w) for w in wrapped), default=1) <= max_lines or size == 8:
+            return wrapped, font, size + 3
 
 
 def grid(
@@ -45,25 +66,36 @@ def grid(
     *,
     title: str = "",
 ) -> Image.Image:
-    """An X/Y grid: one cell per image, labels on the left and on top (SD-webui's X/Y plot layout)."""
+    """An X/Y grid: one cell per image, labels on the left and on top (SD-webui's X/Y plot layout).
+
+    Labels are wrapped, never cut, and shrink to fit: row labels within their cell's height, column
+    labels within four lines (the header grows for more); a one-line label keeps the plain layout."""
     if not rows or not rows[0]:
         raise ValueError("an empty grid")
     cells = [im for r in rows for im in r if im is not None]
     side = max([CELL_MIN, *(max(im.size) for im in cells)])
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    top = HEADER_H * (2 if title else 1)
-    canvas = Image.new("RGB", (LABEL_W + n_cols * side, top + n_rows * side), "white")
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = LABEL_W + n_cols * side
+    col_lines, col_font, col_lh = _label_lines(col_labels, side - 8, 4, draw)
+    row_lines, row_font, row_lh = _label_lines(row_labels, LABEL_W - 8, max(1, (side - 8) // 15), draw)
+    title_lines, title_font, title_lh = _label_lines([title], width - 12, 2, draw) if title else ([[]], None, 0)
+    col_h = max(HEADER_H, 12 + col_lh * max((len(w) for w in col_lines), default=1))
+    title_h = max(HEADER_H, 12 + title_lh * len(title_lines[0])) if title else 0
+    top = title_h + col_h
+    canvas = Image.new("RGB", (width, top + n_rows * side), "white")
     draw = ImageDraw.Draw(canvas)
-    font = _font()
-    if title:
-        draw.text((6, 6), _fit(title, canvas.width - 12, draw, font), fill="black", font=font)
-    for j, lab in enumerate(col_labels):
-        draw.text(
-            (LABEL_W + j * side + 4, top - HEADER_H + 8), _fit(lab, side - 8, draw, font), fill="black", font=font
-        )
-    for i, (row, lab) in enumerate(zip(rows, row_labels, strict=True)):
+    for k, line in enumerate(title_lines[0]):
+        draw.text((6, 6 + k * title_lh), line, fill="black", font=title_font)
+    for j, lines in enumerate(col_lines):
+        y0 = top - 6 - col_lh * len(lines)  # bottom-aligned, just above its column
+        for k, line in enumerate(lines):
+            draw.text((LABEL_W + j * side + 4, y0 + k * col_lh), line, fill="black", font=col_font)
+    for i, (row, lines) in enumerate(zip(rows, row_lines, strict=True)):
         y = top + i * side
-        draw.text((4, y + side // 2 - 6), _fit(lab, LABEL_W - 8, draw, font), fill="black", font=font)
+        y0 = y + (side - row_lh * len(lines)) // 2
+        for k, line in enumerate(lines):
+            draw.text((4, y0 + k * row_lh), line, fill="black", font=row_font)
         for j, im in enumerate(row):
             x = LABEL_W + j * side
             if im is None:

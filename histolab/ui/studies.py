@@ -112,7 +112,33 @@ def create(
     if template == "default":
         config["turing_test"] = bool(turing)
     report = create_study(services.store(), parse_config(config, base_dir=services.paths.outputs))
-    return {"lines": report.lines(), "codes": [[r, c] for r, c in report.raters.items()], "study_id": report.study_id}
+    return {
+        "lines": report.lines(),
+        "codes": [[r, c] for r, c in report.raters.items()],
+        "study_id": report.study_id,
+        "title": config["title"],
+    }
+
+
+def invitations(study_id: str, title: str, codes: list[list[str]], base_url: str) -> tuple[str, str]:
+    """The raters' invitations, all at once: (text to copy into a mail, path of a CSV to download)."""
+    from histolab.review.invitations import invitation_rows, invitations_csv, invitations_text
+
+    rows = invitation_rows(base_url, study_id, [(r, c) for r, c in codes])
+    path = scratch_dir("histolab-invitations-") / f"{study_id}_invitations.csv"
+    path.write_text(invitations_csv(rows), encoding="utf-8", newline="")
+    return invitations_text(title, rows), str(path)
+
+
+def base_url(request) -> str:
+    """Where the browser reached the app (behind a proxy: what it forwarded), for the rater page's link."""
+    try:
+        headers = {k.lower(): v for k, v in dict(request.headers).items()}
+    except (AttributeError, TypeError):
+        headers = {}
+    host = headers.get("x-forwarded-host") or headers.get("host") or "localhost:7860"
+    proto = headers.get("x-forwarded-proto") or "http"
+    return f"{proto.split(',')[0].strip()}://{host.split(',')[0].strip()}/"
 
 
 def studies(services, session: dict) -> list[dict[str, Any]]:
@@ -240,13 +266,9 @@ def build(services, session_state):
                 title = gr.Textbox(label="Title", value="")
                 template = gr.Dropdown(list(TEMPLATES), value="default", label="Template")
             with gr.Row():
-                rated = gr.Dropdown(
-                    choices=[],
-                    value=[],
-                    multiselect=True,
-                    allow_custom_value=True,
-                    label="Sets to rate (generated and real)",
-                    elem_id="study-rated",
+                # Checkboxes, not a dropdown: a study rates several sets, and a dropdown closes after each pick.
+                rated = gr.CheckboxGroup(
+                    choices=[], value=[], label="Sets to rate (generated and real)", elem_id="study-rated"
                 )
                 reference = gr.Dropdown(
                     choices=[], value=None, label="Real reference images (optional)", allow_custom_value=True
@@ -268,6 +290,19 @@ def build(services, session_state):
             codes = gr.Dataframe(
                 headers=["rater", "sign-in code (shown once)"], interactive=False, elem_id="study-codes"
             )
+            with gr.Row():
+                invite_text = gr.Textbox(
+                    label="Invitations (copy them all; the codes are shown only now)",
+                    lines=4,
+                    interactive=False,
+                    buttons=["copy"],
+                    elem_id="study-invitations",
+                )
+                invite_file = gr.File(
+                    label="Invitations as CSV (rater id, code, link)",
+                    interactive=False,
+                    elem_id="study-invitations-csv",
+                )
         with gr.Accordion("Studies", open=True):
             with gr.Row():
                 chosen = gr.Dropdown(allow_custom_value=True, choices=[], label="Study", elem_id="study-chosen")
@@ -313,16 +348,25 @@ def build(services, session_state):
         return gr.update(choices=ids, value=value if value in ids else (ids[-1] if ids else None))
 
     @ui_errors
-    def on_create(s, *values):
+    # Named parameters, not *values: Gradio passes the request only to a parameter before any *args.
+    def on_create(
+        s, sid_, title_, template_, rated_, ref_, raters_, size_, limit_, turing_, prompt_, seed_, request: gr.Request
+    ):
+        values = (sid_, title_, template_, rated_, ref_, raters_, size_, limit_, turing_, prompt_, seed_)
         out = create(services, session(s), *values)
         lines = "\n".join(f"    {line}" for line in out["lines"])
-        link = f"Raters sign in on the Review tab with study `{out['study_id']}`, their id and the code below."
-        return f"```\n{lines}\n```\n{link}", out["codes"], study_choices(s, out["study_id"])
+        base = base_url(request)
+        text, csv_path = invitations(out["study_id"], out["title"], out["codes"], base)
+        link = (
+            f"Raters sign in on the rater page ({base}review?study={out['study_id']}) with their id and the code "
+            "below: copy or download the invitations now, the codes are not shown again."
+        )
+        return f"```\n{lines}\n```\n{link}", out["codes"], study_choices(s, out["study_id"]), text, csv_path
 
     create_btn.click(
         on_create,
         [session_state, sid, title, template, rated, reference, raters, image_size, limit, turing, show_prompt, seed],
-        [created, codes, chosen],
+        [created, codes, chosen, invite_text, invite_file],
         api_name="study_create",
     )
 
