@@ -152,6 +152,7 @@ class Reproduction:
         }
         self.state = State(self.out, plan.paper, key)
         self._encoder = None
+        self._inception = None
 
     # -- helpers
     def _stage(self, name: str, fn):
@@ -248,6 +249,8 @@ class Reproduction:
                 from histolab.adapters.recommended import recommended_settings
 
                 common.update(recommended_settings(str(self.out / "runs" / rid)))  # the paper's 1.3 / DDPM / 30
+                if self.plan.smoke:  # the paper's scheduler and guidance, the smoke scale's step count
+                    common["steps"] = cfg.sample_steps
                 out.append((it, GenerationRequest(mode="reference", reference=it.loader().convert("RGB"), **common)))
             else:
                 prompt = it.caption if (self.plan.test == "caption" and it.caption) else class_prompt(cfg, it.label)
@@ -286,12 +289,16 @@ class Reproduction:
         real_items = [it for it in items if not run.only_class or it.label == run.only_class]
         real = ImageSet("test", [ImageRef(it.name, it.label, it.loader) for it in real_items])
         fake = open_image_set(self.out / "generated" / rid)
-        head = self.inception_head if "IS" in self.plan.metrics else None
-        ex = get_extractor("inception", device=self._device(), logits_head=head)
+        if self._inception is None:  # one network for every run's evaluation (colon-2025 has 16)
+            head = self.inception_head if "IS" in self.plan.metrics else None
+            self._inception = get_extractor("inception", device=self._device(), logits_head=head)
+        ex = self._inception
         cfg = EvalConfig(
             per_class=True, kid_subsets=10 if self.plan.smoke else 100, is_splits=2 if self.plan.smoke else 10
         )
-        rep = evaluate_sets(real, fake, [ex], cfg, warn=lambda m: None, feature_cache=self.out / "features")
+        # No feature cache: it stores d x d moments per class and set (hundreds of MB for one run's pair), far
+        # more than recomputing the test set's Inception features costs.
+        rep = evaluate_sets(real, fake, [ex], cfg, warn=lambda m: None)
         space = rep["spaces"]["inception"]
         return {
             "per_class": space.get("per_class", {}),
