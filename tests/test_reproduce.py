@@ -4,12 +4,14 @@ deterministic stand-in for a kill) and resumed without redoing what was recorded
 
 import csv
 import json
+import threading
 
 import pytest
 
 from histolab.cli import main
-from histolab.reproduce.plan import build_plan
-from histolab.reproduce.run import STATE_NAME, dataset_counts
+from histolab.reproduce.plan import Plan, build_plan
+from histolab.reproduce.processes import Processes
+from histolab.reproduce.run import STATE_NAME, Reproduction, State, dataset_counts
 
 COUNTS = {"train": {"a": 100, "b": 50}, "val": {"a": 10, "b": 5}, "test": {"a": 20, "b": 10}}
 
@@ -88,3 +90,39 @@ def test_smoke_end_to_end_with_a_stop_and_resume(paper, runs, tmp_path, capsys):
 def test_dataset_counts_of_the_bundled_data():
     c = dataset_counts("bundled", None)
     assert set(c) == {"train", "val", "test"} and sum(c["test"].values()) > 0
+
+
+def test_process_roles_main_writes_the_state_and_the_others_read_its_choice(tmp_path):
+    """Two processes as two threads with a shared barrier: each runs the "all" stages, only the main one runs
+    the "main" stages and writes the state file; the other reads the choice back after the barrier."""
+    plan = Plan("cxr-2025", [], "last", "caption", (), [], {})
+    barrier = threading.Barrier(2, timeout=120)
+    calls: dict[int, list[str]] = {0: [], 1: []}
+    got: dict[int, tuple] = {}
+
+    def process(rank: int) -> None:
+        rep = Reproduction(
+            plan, base="embedded", data="bundled", out=tmp_path, log=None, processes=Processes(rank, 2, barrier.wait)
+        )
+        trained = rep._stage("train:x", lambda: calls[rank].append("train") or {"by": rank})
+        chosen = rep._stage("select", lambda: calls[rank].append("select") or ["x"], who="main")
+        got[rank] = (trained, chosen)
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert calls == {0: ["train", "select"], 1: ["train"]}
+    assert got[1] == ({"by": 1}, ["x"]) and got[0] == ({"by": 0}, ["x"])
+    assert json.loads((tmp_path / STATE_NAME).read_text())["done"] == {"train:x": {"by": 0}, "select": ["x"]}
+    # A process that does not write keeps its record in memory only.
+    other = State(tmp_path / "quiet", "cxr-2025", {}, write=False)
+    other.record("train:x", 1)
+    assert other.done("train:x") == 1 and not (tmp_path / "quiet" / STATE_NAME).exists()
+
+
+def test_generations_are_split_between_processes_without_overlap():
+    shares = [set(Processes(r, 3).owned(10)) for r in range(3)]
+    assert set().union(*shares) == set(range(10)) and sum(map(len, shares)) == 10
+    assert list(Processes().owned(4)) == [0, 1, 2, 3]
