@@ -4,7 +4,11 @@ deterministic stand-in for a kill) and resumed without redoing what was recorded
 
 import csv
 import json
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +130,32 @@ def test_generations_are_split_between_processes_without_overlap():
     shares = [set(Processes(r, 3).owned(10)) for r in range(3)]
     assert set().union(*shares) == set(range(10)) and sum(map(len, shares)) == 10
     assert list(Processes().owned(4)) == [0, 1, 2, 3]
+
+
+LAUNCHER = (
+    "import sys, histolab; from accelerate.commands.accelerate_cli import main; sys.argv[0] = 'accelerate'; main()"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("HISTOLAB_TEST_LAUNCH") != "1",
+    reason="two processes under accelerate launch take about a minute on 2 cores: set HISTOLAB_TEST_LAUNCH=1",
+)
+def test_two_process_launch_reproduces_with_one_writer(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "uni"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "HISTOLAB_JOBS": str(tmp_path / "jobs")}
+    cmd = [sys.executable, "-c", LAUNCHER, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29547",
+           "-m", "histolab", "reproduce", "uni2h-2026", "--smoke", "--device", "cpu", "--out", str(out),
+           "--only-runs", "baseline,rank4"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert run.stdout.count("reproduce uni2h-2026 (smoke scale)") == 1  # the plan, from the main process only
+    assert "2 process(es)" in run.stdout  # the training runs used both
+    assert run.stdout.count("best configuration by validation FID") == 1
+    made = sorted(p.name for p in (out / "generated").rglob("*.png"))
+    assert made == [f"{k:05d}.png" for k in range(12)]  # both shares, no gap, no duplicate
+    state = json.loads((out / STATE_NAME).read_text())
+    assert "table" in state["done"] and (out / "table.csv").exists()

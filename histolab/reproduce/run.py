@@ -167,15 +167,17 @@ class Reproduction:
     # -- helpers
     def _stage(self, name: str, fn, who: str = "all"):
         """Run stage ``name`` unless recorded. ``who``: "all" (every process runs ``fn``: a training run, a share
-        of the generations; then a barrier) or "main" (the main process runs it, the others read its value
-        back from the state file after the barrier). Only the main process writes the state file."""
+        of the generations; then a barrier), "main" (the main process runs it, the others read its value
+        back from the state file after the barrier) or "alone" (only the main process gets here: no barrier,
+        the others have exited). Only the main process writes the state file."""
         got = self.state.done(name)
         if got is not None:
             return got
         if who == "all" or self.procs.main:
             value = fn()
             self.state.record(name, value)
-        self.procs.barrier()
+        if who != "alone":
+            self.procs.barrier()
         if who == "main" and not self.procs.main:
             self.state.reload()
             value = self.state.done(name)
@@ -220,8 +222,11 @@ class Reproduction:
             self._stage(f"generate:{rid}", lambda rid=rid: self._generate(rid, items))
         if not self.procs.main:
             return {}
-        evals = {rid: self._stage(f"evaluate:{rid}", lambda rid=rid: self._evaluate(rid, items)) for rid in chosen}
-        return self._stage("table", lambda: self._table(results, chosen, evals))
+        evals = {
+            rid: self._stage(f"evaluate:{rid}", lambda rid=rid: self._evaluate(rid, items), who="alone")
+            for rid in chosen
+        }
+        return self._stage("table", lambda: self._table(results, chosen, evals), who="alone")
 
     def _label_names(self) -> str:
         return self.plan.runs[0].config().label_names if self.data != "bundled" else ""
