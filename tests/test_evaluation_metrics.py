@@ -201,6 +201,11 @@ def test_vendi_score_closed_forms_and_streamed_gram():
     for s in range(0, 120, 13):
         g.update(x[s : s + 13])
     assert metrics.vendi_from_gram(g.g, g.n) == pytest.approx(direct, rel=1e-9)
+    # Fewer vectors than dimensions: vendi_score decomposes the n x n kernel, the streamed gram the d x d one.
+    few = _features(17, 9, 40)
+    g = CosineGram(40)
+    g.update(few)
+    assert metrics.vendi_score(few) == pytest.approx(metrics.vendi_from_gram(g.g, g.n), rel=1e-9)
 
 
 def test_nearest_neighbours_finds_the_copy():

@@ -4,12 +4,18 @@ deterministic stand-in for a kill) and resumed without redoing what was recorded
 
 import csv
 import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 
 from histolab.cli import main
-from histolab.reproduce.plan import build_plan
-from histolab.reproduce.run import STATE_NAME, dataset_counts
+from histolab.reproduce.plan import Plan, build_plan
+from histolab.reproduce.processes import Processes
+from histolab.reproduce.run import STATE_NAME, Reproduction, State, dataset_counts
 
 COUNTS = {"train": {"a": 100, "b": 50}, "val": {"a": 10, "b": 5}, "test": {"a": 20, "b": 10}}
 
@@ -88,3 +94,68 @@ def test_smoke_end_to_end_with_a_stop_and_resume(paper, runs, tmp_path, capsys):
 def test_dataset_counts_of_the_bundled_data():
     c = dataset_counts("bundled", None)
     assert set(c) == {"train", "val", "test"} and sum(c["test"].values()) > 0
+
+
+def test_process_roles_main_writes_the_state_and_the_others_read_its_choice(tmp_path):
+    """Two processes as two threads with a shared barrier: each runs the "all" stages, only the main one runs
+    the "main" stages and writes the state file; the other reads the choice back after the barrier."""
+    plan = Plan("cxr-2025", [], "last", "caption", (), [], {})
+    barrier = threading.Barrier(2, timeout=120)
+    calls: dict[int, list[str]] = {0: [], 1: []}
+    got: dict[int, tuple] = {}
+
+    def process(rank: int) -> None:
+        rep = Reproduction(
+            plan, base="embedded", data="bundled", out=tmp_path, log=None, processes=Processes(rank, 2, barrier.wait)
+        )
+        trained = rep._stage("train:x", lambda: calls[rank].append("train") or {"by": rank})
+        chosen = rep._stage("select", lambda: calls[rank].append("select") or ["x"], who="main")
+        got[rank] = (trained, chosen)
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert calls == {0: ["train", "select"], 1: ["train"]}
+    assert got[1] == ({"by": 1}, ["x"]) and got[0] == ({"by": 0}, ["x"])
+    assert json.loads((tmp_path / STATE_NAME).read_text())["done"] == {"train:x": {"by": 0}, "select": ["x"]}
+    # A process that does not write keeps its record in memory only.
+    other = State(tmp_path / "quiet", "cxr-2025", {}, write=False)
+    other.record("train:x", 1)
+    assert other.done("train:x") == 1 and not (tmp_path / "quiet" / STATE_NAME).exists()
+
+
+def test_generations_are_split_between_processes_without_overlap():
+    shares = [set(Processes(r, 3).owned(10)) for r in range(3)]
+    assert set().union(*shares) == set(range(10)) and sum(map(len, shares)) == 10
+    assert list(Processes().owned(4)) == [0, 1, 2, 3]
+
+
+LAUNCHER = (
+    "import sys, histolab; from accelerate.commands.accelerate_cli import main; sys.argv[0] = 'accelerate'; main()"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("HISTOLAB_TEST_LAUNCH") != "1",
+    reason="two processes under accelerate launch take about a minute on 2 cores: set HISTOLAB_TEST_LAUNCH=1",
+)
+def test_two_process_launch_reproduces_with_one_writer(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "uni"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "HISTOLAB_JOBS": str(tmp_path / "jobs")}
+    cmd = [sys.executable, "-c", LAUNCHER, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29547",
+           "-m", "histolab", "reproduce", "uni2h-2026", "--smoke", "--device", "cpu", "--out", str(out),
+           "--only-runs", "baseline,rank4"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert run.stdout.count("reproduce uni2h-2026 (smoke scale)") == 1  # the plan, from the main process only
+    assert "2 process(es)" in run.stdout  # the training runs used both
+    assert run.stdout.count("best configuration by validation FID") == 1
+    made = sorted(p.name for p in (out / "generated").rglob("*.png"))
+    assert made == [f"{k:05d}.png" for k in range(12)]  # both shares, no gap, no duplicate
+    state = json.loads((out / STATE_NAME).read_text())
+    assert "table" in state["done"] and (out / "table.csv").exists()

@@ -42,6 +42,7 @@ def run(args) -> int:
 
     from histolab.errors import InvalidRequest
     from histolab.reproduce.plan import build_plan
+    from histolab.reproduce.processes import from_env
     from histolab.reproduce.run import Reproduction, Stopped, dataset_counts
 
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
@@ -57,8 +58,8 @@ def run(args) -> int:
         extra=extra,
         only_runs=[x.strip() for x in args.only_runs.split(",") if x.strip()] if args.only_runs else None,
     )
-    print("\n".join(plan.lines()))
     if args.dry_run:
+        print("\n".join(plan.lines()))
         return 0
     if not args.out:
         raise InvalidRequest("--out DIR is needed to run (or pass --dry-run to see the plan)")
@@ -69,6 +70,9 @@ def run(args) -> int:
             "torch-fidelity releases) or pytorch-fid's pt_inception-2015-12-05-6726825d.pth (github.com/mseitzer/"
             "pytorch-fid releases)"
         )
+    procs = from_env(args.device)  # several processes under `accelerate launch`, else one
+    if procs.main:
+        print("\n".join(plan.lines()))
     rep = Reproduction(
         plan,
         base=args.base,
@@ -79,11 +83,15 @@ def run(args) -> int:
         inception_head=args.inception_head,
         device=args.device,
         stop_after=args.stop_after,
+        processes=procs,
     )
     try:
         paths = rep.run()
     except Stopped as exc:
-        print(str(exc), file=sys.stderr)
+        if procs.main:
+            print(str(exc), file=sys.stderr)
         return 3
+    if not procs.main:
+        return 0  # its share is made; the main process evaluates and writes the table
     print(f"table: {paths['csv']} and {paths['md']}; plot: {paths['plot']}")
     return 0

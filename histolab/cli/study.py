@@ -58,6 +58,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _owner_args(p)
 
+    p = sub.add_parser(
+        "prompt-ranks",
+        help="the per-prompt ranking with the real image: mean rank per source, real ranked first, metrics by rank",
+    )
+    p.add_argument("study", help="study id")
+    p.add_argument("--owner", help="the study owner's name: show source names (default: the anonymous labels)")
+    p.add_argument("--metrics", type=Path, help="per-item/per-set metrics (CSV or JSON) to average by rank tier")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
     p = sub.add_parser("unblind", help="owner only: the source and images behind every rater's opaque task ids")
     p.add_argument("study", help="study id")
     p.add_argument("--owner", required=True, help="the study owner's name")
@@ -167,6 +176,26 @@ def run(args: argparse.Namespace) -> int:
             tag = "unblinded" if args.unblinded else "blinded"
             out = args.out or default_dir / f"{args.study}_{tag}_report.html"
             print(write_report(store, args.study, out, blinded=not args.unblinded, owner=args.owner, metrics=metrics))
+        return 0
+    if args.action == "prompt-ranks":
+        from histolab.review.prompt_rank_analysis import prompt_rank_summary
+        from histolab.review.study import load_study, require_owner
+
+        info = load_study(store, args.study)
+        labels = None
+        if args.owner:
+            require_owner(info, args.owner)
+        else:
+            labels = {
+                k: ("real image" if s["kind"] == "real" else s["label"]) for s in info.sources for k in [s["name"]]
+            }
+        metrics = None
+        if args.metrics:
+            from histolab.review.metrics_file import load_metrics
+
+            metrics = load_metrics(args.metrics)
+        summary = prompt_rank_summary(store, args.study, metrics, labels=labels)
+        print(json.dumps(summary.to_dict(), indent=1) if args.json else "\n".join(summary.lines()))
         return 0
     if args.action == "unblind":
         _write_rows(unblind(store, args.study, args.owner), args.out)

@@ -100,8 +100,11 @@ def _pair(real, fake, label, config, logits_fn, warn) -> dict:
         res[metric_name(real.space)] = metrics.frechet_distance_of_features(real.rows(label), fake.rows(label))
     else:
         res[metric_name(real.space)] = metrics.frechet_distance(sr.mean, sr.cov, sf.mean, sf.cov)
-    res["vendi_real"] = metrics.vendi_from_gram(real.grams[key].g, real.grams[key].n)
-    res["vendi_fake"] = metrics.vendi_from_gram(fake.grams[key].g, fake.grams[key].n)
+    for name, side in (("vendi_real", real), ("vendi_fake", fake)):
+        g = side.grams[key]
+        # From the rows where they are kept and fewer than the dimension (same value, an n x n problem).
+        rows = side.rows(label) if side.features is not None and g.n < side.dim else None
+        res[name] = metrics.vendi_score(rows) if rows is not None else metrics.vendi_from_gram(g.g, g.n)
     if real.features is None or fake.features is None:
         return res
     fr, ff = real.rows(label), fake.rows(label)

@@ -169,7 +169,9 @@ def vendi_score(features: np.ndarray) -> float:
     from histolab.evaluation.stats import normalise
 
     u = normalise(np.asarray(features, np.float64))
-    return vendi_from_gram(u.T @ u, len(u))
+    # U U^T (n x n) and U^T U (d x d) share their non-zero eigenvalues: decompose the smaller one (a 2048 x 2048
+    # eigendecomposition costs seconds on a CPU, the n x n of a small set nothing).
+    return vendi_from_gram(u @ u.T if len(u) < u.shape[1] else u.T @ u, len(u))
 
 
 def nearest_neighbours(query: np.ndarray, ref: np.ndarray, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:

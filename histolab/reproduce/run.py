@@ -18,6 +18,7 @@ from typing import Any
 
 from histolab.errors import HistolabError, InvalidRequest
 from histolab.reproduce.plan import Plan, RunPlan
+from histolab.reproduce.processes import Processes
 from histolab.training.data import label_slug
 
 STATE_NAME = "reproduce_state.json"
@@ -97,8 +98,8 @@ def cap_per_class(items: list[TestItem], counts: dict[str, int]) -> list[TestIte
 
 
 class State:
-    def __init__(self, out: Path, paper: str, key: dict[str, Any]):
-        self.path = out / STATE_NAME
+    def __init__(self, out: Path, paper: str, key: dict[str, Any], write: bool = True):
+        self.path, self.write = out / STATE_NAME, write
         self.data: dict[str, Any] = {"paper": paper, "key": key, "done": {}}
         if self.path.exists():
             saved = json.loads(self.path.read_text())
@@ -109,6 +110,9 @@ class State:
                 )
             self.data = saved
 
+    def reload(self) -> None:
+        self.data = json.loads(self.path.read_text())
+
     def done(self, stage: str) -> Any:
         return self.data["done"].get(stage)
 
@@ -116,6 +120,8 @@ class State:
         from histolab.training.state import atomic_write
 
         self.data["done"][stage] = value
+        if not self.write:
+            return  # another process writes the file: this one keeps its own record in memory
         self.path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.data, indent=1, sort_keys=True)
         atomic_write(self.path, lambda tmp: tmp.write_text(text))
@@ -138,10 +144,13 @@ class Reproduction:
         device: str | None = None,
         stop_after: int | None = None,
         log=print,
+        processes: Processes | None = None,
     ):
+        self.procs = processes or Processes()
         self.plan, self.base, self.data, self.out = plan, base, data, Path(out)
         self.test, self.encoder_weights, self.inception_head = test, encoder_weights, inception_head
-        self.device, self.stop_after, self.log = device, stop_after, log or (lambda m: None)
+        self.device, self.stop_after = device, stop_after
+        self.log = (log or (lambda m: None)) if self.procs.main else (lambda m: None)
         self.stages_run = 0
         key = {
             "base": str(base),
@@ -150,16 +159,28 @@ class Reproduction:
             "smoke": plan.smoke,
             "runs": [r.id for r in plan.runs],
         }
-        self.state = State(self.out, plan.paper, key)
+        self.state = State(self.out, plan.paper, key, write=self.procs.main)
+        self.procs.barrier()  # every process has read the state before the main one changes it
         self._encoder = None
+        self._inception = None
 
     # -- helpers
-    def _stage(self, name: str, fn):
+    def _stage(self, name: str, fn, who: str = "all"):
+        """Run stage ``name`` unless recorded. ``who``: "all" (every process runs ``fn``: a training run, a share
+        of the generations; then a barrier), "main" (the main process runs it, the others read its value
+        back from the state file after the barrier) or "alone" (only the main process gets here: no barrier,
+        the others have exited). Only the main process writes the state file."""
         got = self.state.done(name)
         if got is not None:
             return got
-        value = fn()
-        self.state.record(name, value)
+        if who == "all" or self.procs.main:
+            value = fn()
+            self.state.record(name, value)
+        if who != "alone":
+            self.procs.barrier()
+        if who == "main" and not self.procs.main:
+            self.state.reload()
+            value = self.state.done(name)
         self.stages_run += 1
         if self.stop_after is not None and self.stages_run >= self.stop_after:
             raise Stopped(
@@ -178,24 +199,34 @@ class Reproduction:
     def _device(self) -> str:
         if self.device:
             return self.device
+        if self.procs.device:
+            return self.procs.device  # cuda:LOCAL_RANK under a launcher
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     # -- stages
     def run(self) -> dict[str, Path]:
+        """The whole protocol; the table's paths (empty on a process other than the main one, which stops once
+        its share of the generations is made: see histolab.reproduce.processes)."""
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "plan.txt").write_text("\n".join(self.plan.lines()) + "\n")
+        if self.procs.main:
+            (self.out / "plan.txt").write_text("\n".join(self.plan.lines()) + "\n")
         results = {r.id: self._stage(f"train:{r.id}", lambda r=r: self._train(r)) for r in self.plan.runs}
-        chosen = self._stage("select", lambda: self._select(results))
+        chosen = self._stage("select", lambda: self._select(results), who="main")
         items = cap_per_class(test_items(self.data, self.test, self._label_names()), self.plan.test_counts)
         if not items:
             raise InvalidRequest("no test images to generate for")
-        evals = {}
+        # Every chosen run's test set first (shared across processes), then the evaluations (the main one's).
         for rid in chosen:
             self._stage(f"generate:{rid}", lambda rid=rid: self._generate(rid, items))
-            evals[rid] = self._stage(f"evaluate:{rid}", lambda rid=rid: self._evaluate(rid, items))
-        return self._stage("table", lambda: self._table(results, chosen, evals))
+        if not self.procs.main:
+            return {}
+        evals = {
+            rid: self._stage(f"evaluate:{rid}", lambda rid=rid: self._evaluate(rid, items), who="alone")
+            for rid in chosen
+        }
+        return self._stage("table", lambda: self._table(results, chosen, evals), who="alone")
 
     def _label_names(self) -> str:
         return self.plan.runs[0].config().label_names if self.data != "bundled" else ""
@@ -248,6 +279,8 @@ class Reproduction:
                 from histolab.adapters.recommended import recommended_settings
 
                 common.update(recommended_settings(str(self.out / "runs" / rid)))  # the paper's 1.3 / DDPM / 30
+                if self.plan.smoke:  # the paper's scheduler and guidance, the smoke scale's step count
+                    common["steps"] = cfg.sample_steps
                 out.append((it, GenerationRequest(mode="reference", reference=it.loader().convert("RGB"), **common)))
             else:
                 prompt = it.caption if (self.plan.test == "caption" and it.caption) else class_prompt(cfg, it.label)
@@ -259,12 +292,13 @@ class Reproduction:
 
         folder = self.out / "generated" / rid
         todo = [(it, req) for it, req in self._requests(rid, items)]
+        mine = set(self.procs.owned(len(todo)))  # this process's share (all of it when alone)
         sampler = EpochSampler(self.base, device=self._device(), encoder=self.encoder())
         made = 0
         try:
             for k, (it, req) in enumerate(todo):
                 dest = folder / it.label / f"{k:05d}.png"
-                if dest.exists():
+                if k not in mine or dest.exists():
                     continue  # made before a stop
                 (im,) = sampler.generate(self.out / "runs" / rid, [req])
                 dest.parent.mkdir(parents=True, exist_ok=True)
@@ -286,12 +320,16 @@ class Reproduction:
         real_items = [it for it in items if not run.only_class or it.label == run.only_class]
         real = ImageSet("test", [ImageRef(it.name, it.label, it.loader) for it in real_items])
         fake = open_image_set(self.out / "generated" / rid)
-        head = self.inception_head if "IS" in self.plan.metrics else None
-        ex = get_extractor("inception", device=self._device(), logits_head=head)
+        if self._inception is None:  # one network for every run's evaluation (colon-2025 has 16)
+            head = self.inception_head if "IS" in self.plan.metrics else None
+            self._inception = get_extractor("inception", device=self._device(), logits_head=head)
+        ex = self._inception
         cfg = EvalConfig(
             per_class=True, kid_subsets=10 if self.plan.smoke else 100, is_splits=2 if self.plan.smoke else 10
         )
-        rep = evaluate_sets(real, fake, [ex], cfg, warn=lambda m: None, feature_cache=self.out / "features")
+        # No feature cache: it stores d x d moments per class and set (hundreds of MB for one run's pair), far
+        # more than recomputing the test set's Inception features costs.
+        rep = evaluate_sets(real, fake, [ex], cfg, warn=lambda m: None)
         space = rep["spaces"]["inception"]
         return {
             "per_class": space.get("per_class", {}),

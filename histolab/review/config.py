@@ -81,6 +81,9 @@ class StudyConfig:
     # Turing-test studies: must every task say real or synthetic (with how sure)? When false the rater may
     # leave both unset; a judgement given still needs its confidence.
     judgement_required: bool = True
+    # The Prompt-to-Polyp protocol (histolab.review.prompt_rank): per prompt, one image of every rated source,
+    # the real one among them, ranked 1..N. None: off; 0: as many groups per prompt as the sources allow.
+    prompt_ranking: int | None = None
 
     @property
     def required_answers(self) -> tuple[str, ...]:
@@ -109,6 +112,7 @@ class StudyConfig:
             "set_size": self.set_size,
             "judgement_required": self.judgement_required,
             "prompts": dict(self.prompts),
+            "prompt_ranking": self.prompt_ranking,
             "aspects": [
                 {
                     "key": a.key,
@@ -160,6 +164,7 @@ _TOP_KEYS = {
     "raters",
     "prompts",
     "required",  # default: every aspect and the judgement; a list names the answers a task needs
+    "prompt_ranking",  # default off: true, or {per_prompt: N}, adds the per-prompt ranking with the real image
 }
 _SOURCE_KEYS = {"name", "kind", "path", "role", "classes", "class", "limit", "images", "description"}
 _ASPECT_KEYS = {"key", "label", "description", "type", "scope", "anchors"}
@@ -442,6 +447,7 @@ def parse_config(data: Any, base_dir: str | Path = ".") -> StudyConfig:
         raise StudyError("ranking needs at least two rated sources to rank")
 
     aspects, judgement_required = _required(data.get("required"), aspects, turing)
+    prompt_ranking = _prompt_ranking(data.get("prompt_ranking", False), rated)
 
     prompts = data.get("prompts") or {}
     if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
@@ -466,4 +472,26 @@ def parse_config(data: Any, base_dir: str | Path = ".") -> StudyConfig:
         raters=parse_raters(data.get("raters")),
         prompts=dict(prompts),
         judgement_required=judgement_required,
+        prompt_ranking=prompt_ranking,
     )
+
+
+def _prompt_ranking(value: Any, rated: list[SourceConfig]) -> int | None:
+    """``prompt_ranking``: false, true or {per_prompt: N} -> None, 0 or N (groups per prompt, 0: all)."""
+    if value is False or value is None:
+        return None
+    if isinstance(value, dict):
+        _unknown("prompt_ranking", value, {"per_prompt"})
+        per = _int("prompt_ranking.per_prompt", value.get("per_prompt"), 1, 1_000_000)
+    elif value is True:
+        per = 0
+    else:
+        raise StudyError(f"prompt_ranking must be true, false or {{per_prompt: N}} but is {value!r}")
+    real = [s.name for s in rated if s.kind == "real"]
+    if len(real) != 1 or len(rated) < 2:
+        raise StudyError(
+            "prompt_ranking ranks the real image among the models' images for each prompt: it needs exactly one "
+            f"rated real source and at least one rated generated source (rated real sources: {real or 'none'}, "
+            f"rated sources: {len(rated)})"
+        )
+    return per

@@ -235,9 +235,67 @@ _V2 = (
     "ALTER TABLE studies ADD COLUMN judgement_required INTEGER NOT NULL DEFAULT 1 CHECK (judgement_required IN (0, 1))",
 )
 
+# The Prompt-to-Polyp protocol (histolab.review.prompt_rank): per prompt, one image of every rated source
+# (the real one among them) ranked 1..N. Each rank is used once per (group, rater): the second unique index
+# refuses a duplicate rank even from a writer that skipped the library's own check.
+_V3 = (
+    """CREATE TABLE prompt_rank_groups (
+        group_id INTEGER PRIMARY KEY,
+        study_id TEXT NOT NULL REFERENCES studies(study_id),
+        class TEXT,
+        prompt_shown TEXT,
+        code TEXT NOT NULL,
+        UNIQUE (study_id, code)
+    )""",
+    """CREATE TABLE prompt_rank_members (
+        group_id INTEGER NOT NULL REFERENCES prompt_rank_groups(group_id),
+        item_id INTEGER NOT NULL REFERENCES items(item_id),
+        source TEXT NOT NULL,
+        PRIMARY KEY (group_id, item_id),
+        UNIQUE (group_id, source)
+    )""",
+    """CREATE TABLE prompt_rank_assignments (
+        study_id TEXT NOT NULL,
+        rater_id TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        group_id INTEGER NOT NULL REFERENCES prompt_rank_groups(group_id),
+        task_id TEXT NOT NULL UNIQUE,
+        first_served_at TEXT,
+        done_at TEXT,
+        PRIMARY KEY (study_id, rater_id, position),
+        UNIQUE (study_id, rater_id, group_id),
+        FOREIGN KEY (study_id, rater_id) REFERENCES raters(study_id, rater_id)
+    )""",
+    """CREATE TABLE prompt_rank_submissions (
+        submission_id TEXT PRIMARY KEY,
+        study_id TEXT NOT NULL,
+        rater_id TEXT NOT NULL,
+        group_id INTEGER NOT NULL REFERENCES prompt_rank_groups(group_id),
+        task_id TEXT NOT NULL,
+        payload_sha256 TEXT NOT NULL,
+        revision INTEGER NOT NULL,
+        time_ms INTEGER,
+        received_at TEXT NOT NULL
+    )""",
+    """CREATE TABLE prompt_ranks (
+        prompt_rank_id INTEGER PRIMARY KEY,
+        submission_id TEXT NOT NULL REFERENCES prompt_rank_submissions(submission_id),
+        study_id TEXT NOT NULL,
+        group_id INTEGER NOT NULL,
+        rater_id TEXT NOT NULL,
+        item_id INTEGER NOT NULL REFERENCES items(item_id),
+        rank INTEGER NOT NULL CHECK (rank >= 1),
+        current INTEGER NOT NULL DEFAULT 1,
+        superseded_at TEXT
+    )""",
+    "CREATE UNIQUE INDEX prompt_ranks_item ON prompt_ranks(study_id, group_id, rater_id, item_id) WHERE current = 1",
+    "CREATE UNIQUE INDEX prompt_ranks_rank ON prompt_ranks(study_id, group_id, rater_id, rank) WHERE current = 1",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "studies, sources, items, assignments and answers", _V1),
     Migration(2, "required answers", _V2),
+    Migration(3, "per-prompt ranks with the real image (Prompt-to-Polyp protocol)", _V3),
 )
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from PIL import Image
 
 from histolab.errors import StudyError
+from histolab.review import prompt_rank
 from histolab.review.blinding import model_labels, opaque_id, served_png, shown_text_leaks
 from histolab.review.config import SLUG, RaterDef, StudyConfig, parse_raters
 from histolab.review.ingest import ScannedImage, SourceScan, scan_source
@@ -74,9 +75,16 @@ class CreationReport:
     unsampled: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)  # set mode: images beyond whole sets
     native_sizes: dict[str, list[str]] = field(default_factory=dict)  # rated source -> its images' sizes
+    prompt_rank_groups: int = 0  # per-prompt rank tasks per rater (prompt_ranking)
+    prompt_rank_notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [f"study {self.study_id}: {self.units} tasks per rater, images in {self.folder}"]
+        if self.prompt_rank_groups:
+            out.append(
+                f"  per-prompt ranking (real image among the models): {self.prompt_rank_groups} groups per rater"
+            )
+        out += [f"  {n}" for n in self.prompt_rank_notes]
         for name, n in self.rated_items.items():
             out.append(f"  rated source {name}: {n} images")
         for name, n in self.reference_items.items():
@@ -279,6 +287,7 @@ def _insert_rater(store: Store, info_secret: str, study_id: str, seed: int, mode
         }
         for pos, uid in enumerate(order)
     )
+    prompt_rank.assign_rater(db, info_secret, study_id, seed, rater.id)  # nothing when the study has no groups
     return code
 
 
@@ -452,6 +461,9 @@ def _create_locked(store: Store, config: StudyConfig) -> CreationReport:
                     {"unit_id": u["unit_id"], "item_id": item_ids[im.pixel_sha256], "position": k}
                     for k, im in enumerate(u["images"])
                 )
+            rank_groups, rank_notes = 0, []
+            if config.prompt_ranking is not None:
+                rank_groups, rank_notes = _prompt_rank_groups(db, config, rated, item_ids)
             for r in config.raters:
                 codes[r.id] = _insert_rater(store, secret, config.id, config.seed, config.mode, r)
     except BaseException:
@@ -474,7 +486,34 @@ def _create_locked(store: Store, config: StudyConfig) -> CreationReport:
             for s in scans
             if s.source.role == "rated"
         },
+        prompt_rank_groups=rank_groups,
+        prompt_rank_notes=rank_notes,
     )
+
+
+def _prompt_rank_groups(
+    db, config: StudyConfig, rated: list[ScannedImage], item_ids: dict[str, int]
+) -> tuple[int, list[str]]:
+    items = [
+        {
+            "item_id": item_ids[im.pixel_sha256],
+            "source": im.source,
+            "class": im.cls,
+            "prompt_shown": _shown_text(config, im.cls),
+            "pixel_sha256": im.pixel_sha256,
+        }
+        for im in rated
+    ]
+    sources = [s.name for s in config.rated_sources]
+    groups, notes = prompt_rank.plan_groups(items, sources, config.seed, config.prompt_ranking or None)
+    if not groups:
+        raise StudyError(
+            "prompt_ranking: no prompt (class) has an image from every rated source ("
+            + "; ".join(notes)
+            + "); give every source images of the same classes"
+        )
+    prompt_rank.insert_groups(db, config.id, groups)
+    return len(groups), notes
 
 
 def add_rater(store: Store, study_id: str, rater_id: str, name: str | None = None) -> str:
