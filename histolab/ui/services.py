@@ -73,6 +73,9 @@ class ModelCache:
 
     One load per source even when requests race (a lock per source); a model
     still in use by a request when it is dropped lives on until that request ends.
+    ``get(source, dtype)`` asks for the source in a named dtype other than the loader's
+    default (a recipe re-run in the dtype it was made in): kept under its own key, and the
+    loader is then called as ``loader(source, dtype=...)``.
     """
 
     def __init__(self, loader: Callable[[str], Any], max_models: int = 2):
@@ -83,19 +86,20 @@ class ModelCache:
         self._lock = threading.Lock()
         self.loads = 0
 
-    def get(self, source: str):
+    def get(self, source: str, dtype: str | None = None):
+        key = source if dtype is None else (source, dtype)
         with self._lock:
-            if source in self._models:
-                self._models.move_to_end(source)
-                return self._models[source]
-            lock = self._locks.setdefault(source, threading.Lock())
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            lock = self._locks.setdefault(key, threading.Lock())
         with lock:
             with self._lock:
-                if source in self._models:
-                    return self._models[source]
-            model = self._loader(source)
+                if key in self._models:
+                    return self._models[key]
+            model = self._loader(source) if dtype is None else self._loader(source, dtype=dtype)
             with self._lock:
-                self._models[source] = model
+                self._models[key] = model
                 self.loads += 1
                 while len(self._models) > self._max:
                     self._models.popitem(last=False)
@@ -107,12 +111,12 @@ class ModelCache:
             return self._models.get(source)
 
 
-def default_loader(settings: AppSettings) -> Callable[[str], Any]:
-    def load(source: str):
+def default_loader(settings: AppSettings) -> Callable[..., Any]:
+    def load(source: str, dtype: str | None = None):
         from histolab.pipeline import load_base, optimize_for_inference, resolve_device, resolve_dtype
 
         device = resolve_device(settings.device)
-        model = load_base(source, device=device, dtype=resolve_dtype(settings.dtype, device))
+        model = load_base(source, device=device, dtype=resolve_dtype(dtype or settings.dtype, device))
         return optimize_for_inference(model)
 
     return load
@@ -224,8 +228,17 @@ class Services:
             )
         return ""
 
-    def model(self, source: str):
-        return self.models.get(source)
+    def model(self, source: str, dtype: str | None = None):
+        """The cached model for ``source``; with ``dtype`` (a name such as "bfloat16"), that source
+        in that dtype: the app's own model when it already is, else a second one loaded so."""
+        model = self.models.get(source)
+        if dtype is None:
+            return model
+        from histolab.precision import check_dtype_name, dtype_name
+
+        if dtype_name(model.dtype) == check_dtype_name(dtype):
+            return model
+        return self.models.get(source, dtype)
 
     def start_preload(self, source: str | None = None, warm_batches: tuple[int, ...] | None = None) -> Preload:
         """Load ``source`` (the configured base) in a daemon thread, then warm it up at ``warm_batches``
