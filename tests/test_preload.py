@@ -58,3 +58,15 @@ def test_preload_setting_reads_the_environment():
 
     assert AppSettings.from_env({}).preload is True
     assert AppSettings.from_env({"HISTOLAB_PRELOAD": "0"}).preload is False
+
+
+def test_preload_warms_up_the_first_request_shape_first(tmp_path, tiny_model, monkeypatch):
+    """The Generate page's default number of images (here max_batch=3) before 1: a first visitor's
+    request has that shape and would otherwise wait for the batch-1 warm-up."""
+    from histolab.ui import services as services_module
+
+    seen = []
+    monkeypatch.setattr(services_module, "warm_up", lambda model, batches: seen.append(batches))
+    pre = services_with(tmp_path, lambda source: tiny_model).start_preload()
+    assert pre.done.wait(GENEROUS) and pre.state == "ready", (pre.state, pre.detail)
+    assert seen == [(3, 1)]

@@ -242,9 +242,11 @@ class Services:
 
     def start_preload(self, source: str | None = None, warm_batches: tuple[int, ...] | None = None) -> Preload:
         """Load ``source`` (the configured base) in a daemon thread, then warm it up at ``warm_batches``
-        images (default: 1 and the Generate page's default of 4; see Preload)."""
+        images (default: the Generate page's default of 4, then 1; see Preload). The page's default
+        comes first: it is the shape of a first visitor's request, which would otherwise wait for
+        the batch-1 graph to be traced and run first (the model's lock)."""
         source = source or self.settings.base
-        warm_batches = warm_batches or (1, min(4, self.settings.max_batch))
+        warm_batches = warm_batches or tuple(dict.fromkeys((min(4, self.settings.max_batch), 1)))
         pre = self.preload
         if pre.thread is not None:
             return pre
