@@ -43,6 +43,10 @@ class Preload:
         self.seconds = 0.0
         self.done = threading.Event()
         self.thread: threading.Thread | None = None
+        # Set when anyone else asks for a model: the warm-ups after the first shape are then left
+        # out, so a visitor's request does not queue behind them for the model's lock (a shape
+        # not warmed up is traced by the first request that has it).
+        self.visitor = threading.Event()
 
     def status_line(self) -> str:
         if self.state == "ready":
@@ -231,6 +235,8 @@ class Services:
     def model(self, source: str, dtype: str | None = None):
         """The cached model for ``source``; with ``dtype`` (a name such as "bfloat16"), that source
         in that dtype: the app's own model when it already is, else a second one loaded so."""
+        if threading.current_thread() is not self.preload.thread:
+            self.preload.visitor.set()
         model = self.models.get(source)
         if dtype is None:
             return model
@@ -264,7 +270,10 @@ class Services:
                 pre.state = "loading"
                 model = self.model(source)
                 pre.state = "warming up"
-                warm_up(model, warm_batches)
+                for i, b in enumerate(warm_batches):
+                    if i and pre.visitor.is_set():
+                        break
+                    warm_up(model, (b,))
                 pre.detail = describe_model(model)
                 pre.state = "ready"
             except Exception as exc:  # shown on the status line; a request then gets the error itself
