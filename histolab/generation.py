@@ -198,6 +198,8 @@ def _generate_locked(
     traced = getattr(model, "traced_unet", None)
     if traced is not None and not traced.usable(model):
         traced = None  # adapters applied: the eager module sees their layers and hooks
+    if traced is not None:
+        traced = traced.bind(model, tag=("fixed_rows", exact))  # the weights cannot change under the lock
 
     # 5. Denoising loop.
     with torch.inference_mode(), fixed_rows:
@@ -207,7 +209,7 @@ def _generate_locked(
             x_in = torch.cat([latents, latents]) if twice else latents
             x_in = scheduler.scale_model_input(x_in, t).to(dtype)
             if traced is not None:
-                eps = traced(model, x_in, t, embeds, tag=("fixed_rows", exact)).float()
+                eps = traced(x_in, t, embeds).float()
             else:
                 eps = model.unet(x_in, t, encoder_hidden_states=embeds).sample.float()
             if do_cfg:

@@ -1,6 +1,8 @@
 """The CPU fast path: dtype detection and choice, bfloat16 images against float32,
 traced U-Net graphs, the prompt-embedding cache, the dtype in recipes."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -173,3 +175,30 @@ def test_recipes_from_before_the_dtype_field_still_read(tiny_model):
     del d["dtype"]
     old = Recipe.from_dict(d)
     assert old.dtype == "" and recipe_dtype("auto", old) == "auto"
+
+
+def test_app_rerun_loads_the_recipe_dtype_and_reproduces_exactly(bf16_model, tiny_model, tmp_path):
+    """The app's model is float32 here; a bfloat16 PNG re-runs in bfloat16 (a second model, loaded once)
+    and a float32 PNG on the app's own model: both give the same pixels back."""
+    from histolab.config import Paths
+    from histolab.recipe import JSON_KEY, Recipe
+    from histolab.ui.generate import rerun_recipe
+    from histolab.ui.services import Services
+    from histolab.ui.settings import AppSettings
+
+    calls = []
+
+    def loader(source, dtype=None):
+        calls.append(dtype)
+        return {None: tiny_model, "bfloat16": bf16_model}[dtype]
+
+    paths = Paths.from_env({"HISTOLAB_DATA_DIR": str(tmp_path)})
+    services = Services(AppSettings(local_admin=False), paths, model_loader=loader)
+    for model, name in ((bf16_model, "bf16.png"), (tiny_model, "f32.png"), (bf16_model, "bf16.png")):
+        made = generate(model, req(steps=2))[0]
+        png = save_png(made.image, made.recipe, tmp_path / name)
+        out = rerun_recipe(services, {}, str(png), None)
+        (image, _), note = out["gallery"][0], out["note"]
+        assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(made.image)), note
+        assert "rounding" not in note and Recipe.from_dict(json.loads(image.info[JSON_KEY])).dtype == made.recipe.dtype
+    assert calls == [None, "bfloat16"]  # the app's model, then the bfloat16 one, kept for the third re-run

@@ -58,3 +58,36 @@ def test_preload_setting_reads_the_environment():
 
     assert AppSettings.from_env({}).preload is True
     assert AppSettings.from_env({"HISTOLAB_PRELOAD": "0"}).preload is False
+
+
+def test_preload_warms_up_the_first_request_shape_first(tmp_path, tiny_model, monkeypatch):
+    """The Generate page's default number of images (here max_batch=3) before 1: a first visitor's
+    request has that shape and would otherwise wait for the batch-1 warm-up."""
+    from histolab.ui import services as services_module
+
+    seen = []
+    monkeypatch.setattr(services_module, "warm_up", lambda model, batches: seen.append(batches))
+    pre = services_with(tmp_path, lambda source: tiny_model).start_preload()
+    assert pre.done.wait(GENEROUS) and pre.state == "ready", (pre.state, pre.detail)
+    assert seen == [(3,), (1,)]
+
+
+def test_preload_leaves_the_later_warm_ups_out_once_a_visitor_asks(tmp_path, tiny_model, monkeypatch):
+    """A request waiting for the model's lock would otherwise also wait for the batch-1 warm-up."""
+    from histolab.ui import services as services_module
+
+    services = services_with(tmp_path, lambda source: tiny_model)
+    seen, gate = [], threading.Event()
+
+    def warm_up(model, batches):
+        seen.append(batches)
+        gate.wait()  # the first warm-up is running when the visitor arrives
+
+    monkeypatch.setattr(services_module, "warm_up", warm_up)
+    pre = services.start_preload()
+    visitor = threading.Thread(target=lambda: services.model(services.settings.base))
+    visitor.start()
+    join_all([visitor])
+    gate.set()
+    assert pre.done.wait(GENEROUS) and pre.state == "ready", (pre.state, pre.detail)
+    assert seen == [(3,)]

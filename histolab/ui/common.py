@@ -114,14 +114,3 @@ def client_key(request) -> str:
 
 def session_of(state: Any) -> dict[str, Any]:
     return state if isinstance(state, dict) else new_session()
-
-
-def progress_fn(progress, unit: str = "step"):
-    """(done, total) callbacks of the library as ``gr.Progress`` updates."""
-    if progress is None:
-        return None
-
-    def report(done: int, total: int) -> None:
-        progress(done / total if total else 0.0, desc=f"{unit} {done} of {total}")
-
-    return report

@@ -144,8 +144,11 @@ def prepare(services, form: Form) -> Prepared:
     return prep
 
 
-def run(services, source: str, request, progress=None, cancel: threading.Event | None = None, on_latents=None):
-    """The engine's ``generate`` on the cached model for ``source`` (adapters applied for this request only)."""
+def run(
+    services, source: str, request, progress=None, cancel: threading.Event | None = None, on_latents=None, dtype=None
+):
+    """The engine's ``generate`` on the cached model for ``source`` (adapters applied for this request only);
+    ``dtype``: that model in this dtype instead of the app's (Services.model)."""
     from histolab.generation import generate
 
     problem = services.base_problem(source)
@@ -153,7 +156,7 @@ def run(services, source: str, request, progress=None, cancel: threading.Event |
         from histolab.errors import ModelNotFound
 
         raise ModelNotFound(problem)
-    model = services.model(source)
+    model = services.model(source, dtype)
     return generate(model, request, progress=progress, cancel=cancel, on_latents=on_latents)
 
 
@@ -365,6 +368,19 @@ def base_of_recipe(services, recipe) -> str:
     return services.base_choices()[0][0]
 
 
+def recipe_dtype(recipe, notes: list[str]) -> str | None:
+    """The dtype a re-run loads the base in: the recipe's, so that its pixels come back exactly (the
+    CLI's ``--from-png`` does the same); None (the app's own) for recipes from before the field."""
+    from histolab.precision import DTYPE_NAMES
+
+    if not recipe.dtype:
+        return None
+    if recipe.dtype not in DTYPE_NAMES or recipe.dtype == "auto":
+        notes.append(f"the recipe's dtype {recipe.dtype!r} is unknown here; made in the app's dtype")
+        return None
+    return recipe.dtype
+
+
 def rerun_recipe(services, session: dict, path, reference_path, progress=None) -> dict[str, Any]:
     """Make the PNG's image again from its recipe: same base, adapters, sampler and seed."""
     recipe = recipe_from_upload(services, path)
@@ -389,8 +405,11 @@ def rerun_recipe(services, session: dict, path, reference_path, progress=None) -
         )
     source, request = make_request(services, form)
     request = replace(request, width=recipe.width, height=recipe.height)
-    images = run(services, source, request, step_progress(progress))
+    dtype = recipe_dtype(recipe, notes)
+    images = run(services, source, request, step_progress(progress), dtype=dtype)
     g = images[0]
+    if dtype and g.recipe.dtype != dtype:
+        notes.append(f"made in {g.recipe.dtype}, the recipe in {dtype}, so the pixels differ by rounding")
     if g.recipe.base_hash != recipe.base_hash:
         notes.append(
             f"the recipe's base {recipe.base_model!r} ({recipe.base_hash[:10]}) is not here; made with "

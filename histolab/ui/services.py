@@ -43,6 +43,10 @@ class Preload:
         self.seconds = 0.0
         self.done = threading.Event()
         self.thread: threading.Thread | None = None
+        # Set when anyone else asks for a model: the warm-ups after the first shape are then left
+        # out, so a visitor's request does not queue behind them for the model's lock (a shape
+        # not warmed up is traced by the first request that has it).
+        self.visitor = threading.Event()
 
     def status_line(self) -> str:
         if self.state == "ready":
@@ -73,6 +77,9 @@ class ModelCache:
 
     One load per source even when requests race (a lock per source); a model
     still in use by a request when it is dropped lives on until that request ends.
+    ``get(source, dtype)`` asks for the source in a named dtype other than the loader's
+    default (a recipe re-run in the dtype it was made in): kept under its own key, and the
+    loader is then called as ``loader(source, dtype=...)``.
     """
 
     def __init__(self, loader: Callable[[str], Any], max_models: int = 2):
@@ -83,19 +90,20 @@ class ModelCache:
         self._lock = threading.Lock()
         self.loads = 0
 
-    def get(self, source: str):
+    def get(self, source: str, dtype: str | None = None):
+        key = source if dtype is None else (source, dtype)
         with self._lock:
-            if source in self._models:
-                self._models.move_to_end(source)
-                return self._models[source]
-            lock = self._locks.setdefault(source, threading.Lock())
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            lock = self._locks.setdefault(key, threading.Lock())
         with lock:
             with self._lock:
-                if source in self._models:
-                    return self._models[source]
-            model = self._loader(source)
+                if key in self._models:
+                    return self._models[key]
+            model = self._loader(source) if dtype is None else self._loader(source, dtype=dtype)
             with self._lock:
-                self._models[source] = model
+                self._models[key] = model
                 self.loads += 1
                 while len(self._models) > self._max:
                     self._models.popitem(last=False)
@@ -107,12 +115,12 @@ class ModelCache:
             return self._models.get(source)
 
 
-def default_loader(settings: AppSettings) -> Callable[[str], Any]:
-    def load(source: str):
+def default_loader(settings: AppSettings) -> Callable[..., Any]:
+    def load(source: str, dtype: str | None = None):
         from histolab.pipeline import load_base, optimize_for_inference, resolve_device, resolve_dtype
 
         device = resolve_device(settings.device)
-        model = load_base(source, device=device, dtype=resolve_dtype(settings.dtype, device))
+        model = load_base(source, device=device, dtype=resolve_dtype(dtype or settings.dtype, device))
         return optimize_for_inference(model)
 
     return load
@@ -224,14 +232,27 @@ class Services:
             )
         return ""
 
-    def model(self, source: str):
-        return self.models.get(source)
+    def model(self, source: str, dtype: str | None = None):
+        """The cached model for ``source``; with ``dtype`` (a name such as "bfloat16"), that source
+        in that dtype: the app's own model when it already is, else a second one loaded so."""
+        if threading.current_thread() is not self.preload.thread:
+            self.preload.visitor.set()
+        model = self.models.get(source)
+        if dtype is None:
+            return model
+        from histolab.precision import check_dtype_name, dtype_name
+
+        if dtype_name(model.dtype) == check_dtype_name(dtype):
+            return model
+        return self.models.get(source, dtype)
 
     def start_preload(self, source: str | None = None, warm_batches: tuple[int, ...] | None = None) -> Preload:
         """Load ``source`` (the configured base) in a daemon thread, then warm it up at ``warm_batches``
-        images (default: 1 and the Generate page's default of 4; see Preload)."""
+        images (default: the Generate page's default of 4, then 1; see Preload). The page's default
+        comes first: it is the shape of a first visitor's request, which would otherwise wait for
+        the batch-1 graph to be traced and run first (the model's lock)."""
         source = source or self.settings.base
-        warm_batches = warm_batches or (1, min(4, self.settings.max_batch))
+        warm_batches = warm_batches or tuple(dict.fromkeys((min(4, self.settings.max_batch), 1)))
         pre = self.preload
         if pre.thread is not None:
             return pre
@@ -249,7 +270,10 @@ class Services:
                 pre.state = "loading"
                 model = self.model(source)
                 pre.state = "warming up"
-                warm_up(model, warm_batches)
+                for i, b in enumerate(warm_batches):
+                    if i and pre.visitor.is_set():
+                        break
+                    warm_up(model, (b,))
                 pre.detail = describe_model(model)
                 pre.state = "ready"
             except Exception as exc:  # shown on the status line; a request then gets the error itself
