@@ -41,6 +41,7 @@ ENDPOINTS = {
     "/admin_sign_out",
     "/rater_sign_in",
     "/rater_submit",
+    "/rater_rank_submit",
     "/rater_previous",
     "/rater_resume",
     "/rater_sign_out",
