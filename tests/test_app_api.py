@@ -42,6 +42,7 @@ ENDPOINTS = {
     "/rater_sign_in",
     "/rater_submit",
     "/rater_rank_submit",
+    "/rater_rank_next",
     "/rater_previous",
     "/rater_resume",
     "/rater_sign_out",

@@ -176,3 +176,26 @@ def test_status_counts_rank_groups_and_the_export_holds_the_ranks(env, tmp_path)
     path = next(p for p in full if p.name.endswith("_prompt_ranks.csv"))
     rows = list(csv.DictReader(path.open(encoding="utf-8")))
     assert {r["source"] for r in rows} == {REAL, *MODELS} and all(r["current"] == "1" for r in rows)
+
+
+def test_the_rater_api_ranks_a_group_and_names_no_origin(env):
+    from app_testkit import served
+    from gradio_client import Client
+
+    services, codes = env
+    finish_ordinary(services, "bob")
+    with served(services) as (_, url):
+        bob = Client(url, verbose=False)
+        bob.predict(STUDY, "bob", codes["bob"], api_name="/rater_sign_in")
+        shown = bob.predict(api_name="/rater_rank_next")
+        text = json.dumps(shown)
+        assert "Group 1 of 3" in text and text.count("data:image/png;base64,") == 3
+        for name in (REAL, *MODELS, "GENFILE", "generated", "recipe"):
+            assert name not in text
+        task_id = next(v for v in shown if isinstance(v, str) and len(v) == 32 and v.isalnum())
+        refused = bob.predict(task_id, 1, 1, 2, *[None] * 5, api_name="/rater_rank_submit")
+        assert "each rank 1..3 must be given exactly once" in json.dumps(refused)
+        assert current(services, "bob") == {}
+        done = bob.predict(task_id, 1, 3, 2, *[None] * 5, api_name="/rater_rank_submit")
+        assert "ranks saved (1 of 3 groups done)" in json.dumps(done) and "Group 2 of 3" in json.dumps(done)
+        assert sorted(current(services, "bob").values()) == [1, 2, 3]

@@ -238,6 +238,15 @@ def build(services, session_state, header, *, api: bool = True) -> RankSection:
         concurrency_limit=services.settings.light_concurrency,
         **named,
     )
+    # The rater API's way to the next group (the page gets it after each of its own events, see review.py).
+    nxt = gr.Button("Next rank group", visible=False)
+    nxt.click(
+        refresh,
+        [session_state],
+        outputs,
+        concurrency_limit=services.settings.light_concurrency,
+        **({"api_name": "rater_rank_next"} if api else {"api_visibility": "private"}),
+    )
     # As the task page's readiness check: on the rater's own input only, outside the queue.
     gr.on(
         [c.input for c in choices],
