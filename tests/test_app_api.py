@@ -41,6 +41,8 @@ ENDPOINTS = {
     "/admin_sign_out",
     "/rater_sign_in",
     "/rater_submit",
+    "/rater_rank_submit",
+    "/rater_rank_next",
     "/rater_previous",
     "/rater_resume",
     "/rater_sign_out",

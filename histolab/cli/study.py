@@ -138,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
             f"{st['submissions']} submissions, {st['ratings']} current ratings"
         )
         for r in st["raters"]:
-            print(f"  {r['rater_id']:<20} {r['done']:>5}/{r['total']:<5} last: {r['last_activity'] or '-'}")
+            ranks = f" rank groups: {r['rank_done']}/{r['rank_total']}" if r["rank_total"] else ""
+            print(f"  {r['rater_id']:<20} {r['done']:>5}/{r['total']:<5}{ranks} last: {r['last_activity'] or '-'}")
         return 0
     if args.action == "add-rater":
         code = add_rater(store, args.study, args.rater, args.name)

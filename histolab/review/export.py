@@ -148,6 +148,21 @@ def tables(store: Store, study_id: str, blinded: bool, analysis: Analysis) -> di
         | ({} if blinded else {"current": r["current"], "superseded_at": r["superseded_at"]})
         for r in db.query(f"SELECT * FROM rankings WHERE study_id = ? {cur} ORDER BY ranking_id", a)
     ]
+    # The per-prompt ranks (prompt_ranking): one row per image ranked, by group code; sources named as above.
+    t["prompt_ranks"] = [
+        {"group": r["code"], "rater": nm.rater(r["rater_id"]), "source": nm.source(r["source"]), "rank": r["rank"]}
+        | {"time_ms": r["time_ms"], "revision": r["revision"], "received_at": r["received_at"]}
+        | ({} if blinded else {"class": r["class"], "current": r["current"], "superseded_at": r["superseded_at"]})
+        for r in db.query(
+            f"""SELECT g.code, g.class, p.rater_id, m.source, p.rank, p.current, p.superseded_at,
+                       s.time_ms, s.revision, s.received_at
+                FROM prompt_ranks p JOIN prompt_rank_groups g ON g.group_id = p.group_id
+                JOIN prompt_rank_members m ON m.group_id = p.group_id AND m.item_id = p.item_id
+                JOIN prompt_rank_submissions s ON s.submission_id = p.submission_id
+                WHERE p.study_id = ? {"AND p.current = 1" if blinded else ""} ORDER BY g.code, p.rater_id, p.rank""",
+            a,
+        )
+    ]
     view = present(analysis, info, blinded)
     t["summary"] = view["summaries"]
     t["agreement"] = [

@@ -574,6 +574,17 @@ def study_status(store: Store, study_id: str) -> dict[str, Any]:
         [study_id],
     ):
         raters.append({**r, "done": int(r["done"] or 0)})
+    # Per-prompt rank tasks (prompt_ranking), counted apart: they are not units.
+    ranked = {
+        rid: (int(done or 0), int(total))
+        for rid, total, done in db.execute(
+            "SELECT rater_id, COUNT(*), SUM(done_at IS NOT NULL) FROM prompt_rank_assignments "
+            "WHERE study_id = ? GROUP BY rater_id",
+            [study_id],
+        )
+    }
+    for r in raters:
+        r["rank_done"], r["rank_total"] = ranked.get(r["rater_id"], (0, 0))
     n_units = db.execute("SELECT COUNT(*) FROM units WHERE study_id = ?", [study_id]).fetchone()[0]
     n_ratings = db.execute("SELECT COUNT(*) FROM ratings WHERE study_id = ? AND current = 1", [study_id]).fetchone()[0]
     n_subs = db.execute("SELECT COUNT(*) FROM submissions WHERE study_id = ?", [study_id]).fetchone()[0]

@@ -25,6 +25,7 @@ from typing import Any
 import gradio as gr
 
 from histolab.errors import HistolabError, StudyError
+from histolab.ui import review_rank
 from histolab.ui.auth import AccessDenied
 from histolab.ui.common import OnLoad, client_key, new_session, ui_errors
 from histolab.ui.rating_page import ITEM_FIT_PX, KEYS_JS, LEGEND, SET_FIT_PX, ZOOM_CHOICES, ZOOM_JS, zoomed_images_html
@@ -358,6 +359,7 @@ def build(services, session_state, *, api: bool = True):
             send = gr.Button("Submit (Enter)", variant="primary", interactive=False, elem_id="review-submit")
             signout = gr.Button("Sign out", elem_id="review-signout")
     status = gr.Markdown("", elem_id="review-status")
+    rank = review_rank.build(services, session_state, header, api=api)  # the per-prompt rank groups, after these
 
     # The API's outputs keep their places (header 0 ... status 30); the number slots and the to-do line follow.
     outputs = [
@@ -524,9 +526,9 @@ def build(services, session_state, *, api: bool = True):
     def named(name: str) -> dict:
         return {"api_name": name} if api else {"api_visibility": "private"}
 
-    signin.click(do_sign_in, [session_state, study, rater, code], outputs, **named("rater_sign_in"), **light)
-    code.submit(do_sign_in, [session_state, study, rater, code], outputs, api_visibility="private", **light)
-    send.click(
+    ev_in = signin.click(do_sign_in, [session_state, study, rater, code], outputs, **named("rater_sign_in"), **light)
+    ev_code = code.submit(do_sign_in, [session_state, study, rater, code], outputs, api_visibility="private", **light)
+    ev_send = send.click(
         handled(do_submit),
         [session_state, shown, *scales, artefacts, judgement, confidence, *ranks, comment, *numbers],
         outputs,
@@ -568,14 +570,14 @@ def build(services, session_state, *, api: bool = True):
         queue=False,
     )
     zoom.change(None, [zoom], None, js=ZOOM_JS, api_visibility="private")
-    back.click(
+    ev_back = back.click(
         handled(lambda session: previous(services, session)),
         [session_state],
         outputs,
         **named("rater_previous"),
         **light,
     )
-    signout.click(
+    ev_out = signout.click(
         handled(lambda session: sign_out(session)),
         [session_state],
         outputs,
@@ -583,13 +585,16 @@ def build(services, session_state, *, api: bool = True):
         **light,
     )
     resume_btn = gr.Button("Resume", visible=False)
-    resume_btn.click(
+    ev_resume = resume_btn.click(
         handled(lambda session: resume(services, session)),
         [session_state],
         outputs,
         **named("rater_resume"),
         **light,
     )
+
+    for ev in (ev_in, ev_code, ev_send, ev_back, ev_out, ev_resume):  # what is open may have changed
+        ev.then(rank.refresh, [session_state], rank.outputs, api_visibility="private", show_progress="hidden")
 
     def on_page_load(request: gr.Request):
         # ?study=ID in the link the owner sends pre-fills the study (a convenience, not an identity).

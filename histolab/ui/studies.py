@@ -256,6 +256,11 @@ def _ci(lo, hi) -> str:
 # ------------------------------------------------------------------ the page
 
 
+def _ranked(r: dict) -> str:
+    """A rater's per-prompt rank groups done, "k/n" (empty when the study has none)."""
+    return f"{r['rank_done']}/{r['rank_total']}" if r.get("rank_total") else ""
+
+
 def build(services, session_state):
     with gr.Column() as locked:
         gr.Markdown("This tab is for the studies' owner: sign in as admin at the top of the page.")
@@ -308,7 +313,7 @@ def build(services, session_state):
                 chosen = gr.Dropdown(allow_custom_value=True, choices=[], label="Study", elem_id="study-chosen")
                 refresh = gr.Button("Refresh")
             progress_table = gr.Dataframe(
-                headers=["rater", "name", "done", "total", "last activity"], interactive=False
+                headers=["rater", "name", "done", "total", "last activity", "rank groups done"], interactive=False
             )
             summary = gr.Markdown("")
             with gr.Row():
@@ -375,7 +380,10 @@ def build(services, session_state):
         if not study_id:
             return [], ""
         st = status(services, session(s), study_id)
-        rows = [[r["rater_id"], r["name"], r["done"], r["total"], r["last_activity"] or ""] for r in st["raters"]]
+        rows = [
+            [r["rater_id"], r["name"], r["done"], r["total"], r["last_activity"] or "", _ranked(r)]
+            for r in st["raters"]
+        ]
         text = (
             f"**{html.escape(st['title'])}** · {st['status']} · {st['mode']} mode · {st['tasks_per_rater']} tasks "
             f"per rater · {st['submissions']} submissions"
