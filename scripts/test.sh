@@ -17,4 +17,12 @@ fi
 bash scripts/install.sh dev
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+# One pytest worker per core (at most 4): every test runs one OpenMP thread (tests/conftest.py), so a
+# second core is otherwise idle. Files stay whole on one worker (their module fixtures are built once).
+# HISTOLAB_TEST_WORKERS=0 runs everything in this process.
+workers="${HISTOLAB_TEST_WORKERS:-$(nproc)}"
+[ "$workers" -gt 4 ] && workers=4
+if [ "$workers" -gt 1 ]; then
+  set -- -n "$workers" --dist loadfile "$@"
+fi
 .venv/bin/python -m pytest "$@"
