@@ -1,16 +1,19 @@
 """Latency of the live app while a training job runs, against the idle app, in the same run.
 
 A real app (histolab.ui.build_app, launched as ``python app.py`` launches it) is driven through
-gradio_client, one request at a time, in two phases:
+gradio_client, one request at a time, in three phases:
 
 1. idle: nothing else of ours runs;
-2. training: a real training job (histolab.training.jobs, its own process, the tiny-lora preset on the
-   same base, every core it wants) trains throughout the phase.
+2. training, every core each: a real training job (histolab.training.jobs, its own process, the
+   tiny-lora preset on the same base) trains throughout the phase, it and the app each on torch's
+   default threads (one per core), as before histolab.threads;
+3. training, cores split: the same with the app's policy (histolab.threads): the job started on its
+   share of the cores, the app on the rest while the job runs.
 
 Measured per request, client side (queue, handler, commit, response): a rater's answer submit on the
 rater page (``/rater_submit``: validated, committed with synchronous=FULL, next task built with its
 images) and a generate request (``/generate``: one image at the Generate tab's settings). Printed: n,
-p50 and p99 in ms per phase, and the training/idle ratios. The base model is the embedded default
+p50 and p99 in ms per phase, the training/idle ratios, and the job's steps/s in each training phase. The base model is the embedded default
 when it is installed, else a random-init network of the same architecture (same shapes, same time).
 
     python bench/app_latency.py                       # 100 submits and 20 generations per phase
@@ -20,7 +23,6 @@ when it is installed, else a random-init network of the same architecture (same 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -82,7 +84,8 @@ def measure(rater, view, gen_args, n_ratings: int, n_gen: int, client, check=Non
     shown = 29  # the hidden task id in the rater endpoints' outputs
     for i in range(max(n_ratings, n_gen)):
         if i < n_ratings:
-            args = [view[shown], *[6] * 12, [], "real", 3, *[None] * 8, ""]
+            # task id, 12 scales, artefacts, judgement, how sure, 8 ranks, comment, 12 continuous aspects
+            args = [view[shown], *[6] * 12, [], "real", 3, *[None] * 8, "", *[None] * 12]
             t = time.perf_counter()
             view = rater.predict(*args, api_name="/rater_submit")
             out["submit"].append(time.perf_counter() - t)
@@ -95,6 +98,36 @@ def measure(rater, view, gen_args, n_ratings: int, n_gen: int, client, check=Non
     return out, view
 
 
+def training_phase(job, rater, view, gen_args, args, client) -> dict:
+    """Wait until ``job`` trains, then measure the app's requests while it keeps training."""
+    t0 = time.monotonic()
+    while True:
+        st = job.status()
+        if st.state == "running" and st.progress.get("phase") == "training" and st.progress.get("step", 0) >= 3:
+            break
+        if st.finished or time.monotonic() - t0 > 600:
+            raise SystemExit(f"the training job did not start training: {st}\n{job.log_tail()}")
+        time.sleep(0.5)
+    step0 = job.status().progress.get("step", 0)
+
+    def still_training():
+        st = job.status()
+        if st.state != "running":
+            raise SystemExit(f"the training job stopped during the phase: {st}\n{job.log_tail()}")
+
+    t1 = time.monotonic()
+    latency, view = measure(rater, view, gen_args, args.ratings, args.generations, client, still_training)
+    seconds = time.monotonic() - t1
+    st = job.status()
+    return {
+        "latency": latency,
+        "view": view,
+        "seconds": seconds,
+        "steps": st.progress.get("step", 0) - step0,
+        "rate": st.progress.get("samples_per_s"),
+    }
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -103,6 +136,7 @@ def main(argv=None) -> int:
     import histolab  # noqa: F401  (torchvision repair first)
     from histolab.config import Paths
     from histolab.pipeline import save_pipeline_folder
+    from histolab.threads import available_cores, split
     from histolab.training import JobSpec
     from histolab.ui import AppSettings, Services, build_app, launch_options
 
@@ -129,60 +163,60 @@ def main(argv=None) -> int:
         _, view = measure(rater, view, gen_args, 2, 2, client)  # the first calls open connections and caches
         idle, view = measure(rater, view, gen_args, args.ratings, args.generations, client)
 
-        # A training job of its own process, long enough to outlast the phase; timing starts once it trains.
-        job = services.jobs().start(
-            JobSpec(
-                out=str(paths.checkpoints / "latency-lora"),
-                preset="tiny-lora",
-                overrides={"max_steps": "1000000", "validation": "none", "samples_per_class": "0"},
-                base=str(base_dir),
-                data="bundled",
-                device="cpu",
+        phases = {}
+        for key, shared in (("every core each", False), ("cores split", True)):
+            share = services.thread_share
+            share.enabled = shared
+            share.forget()
+            job = services.jobs().start(
+                JobSpec(
+                    out=str(paths.checkpoints / f"latency-lora-{len(phases)}"),
+                    preset="tiny-lora",
+                    overrides={"max_steps": "1000000", "validation": "none", "samples_per_class": "0"},
+                    base=str(base_dir),
+                    data="bundled",
+                    device="cpu",
+                ),
+                threads=share.job_threads(),
             )
-        )
-        t0 = time.monotonic()
-        while True:
-            st = job.status()
-            if st.state == "running" and st.progress.get("phase") == "training" and st.progress.get("step", 0) >= 3:
-                break
-            if st.finished or time.monotonic() - t0 > 600:
-                raise SystemExit(f"the training job did not start training: {st}\n{job.log_tail()}")
-            time.sleep(0.5)
-        step0 = job.status().progress.get("step", 0)
-
-        def still_training():
-            st = job.status()
-            if st.state != "running":
-                raise SystemExit(f"the training job stopped during the phase: {st}\n{job.log_tail()}")
-
-        t1 = time.monotonic()
-        loaded, view = measure(rater, view, gen_args, args.ratings, args.generations, client, still_training)
-        phase_s = time.monotonic() - t1
-        st = job.status()
-        steps = st.progress.get("step", 0) - step0
-        rate = st.progress.get("samples_per_s")
+            phases[key] = training_phase(job, rater, view, gen_args, args, client)
+            view = phases[key]["view"]
+            job.cancel()
+            job.wait(timeout=300)
+            job = None
     finally:
         if job is not None:
             job.cancel()
             job.wait(timeout=120)
         app.close()
 
+    app_share, job_share = split(available_cores())
     print("app latency: one request at a time through gradio_client, against a live app")
-    print(f"  cpu cores {os.cpu_count()}, app torch threads {torch.get_num_threads()}; base: {model_note}")
+    print(f"  cpu cores {available_cores()}, app torch threads {torch.get_num_threads()}; base: {model_note}")
     print(f"  generate: 1 image, {args.steps} steps, dpmpp_2m_karras, guidance 7.5, {model.default_size} px")
+    print("  training phases: a tiny-lora job (own process) trains throughout, started")
+    print("    'every core each': as before histolab.threads, job and app both on torch's default threads")
     print(
-        f"  training phase: tiny-lora job (own process) made {steps} steps in {phase_s:.1f} s"
-        + (f" ({rate:.1f} img/s at the end)" if rate else "")
+        f"    'cores split': the app's way now, the job on {job_share} thread(s), the app on {app_share} while it runs"
     )
-    print(
-        f"{'request':<22}{'n':>5}{'idle p50':>11}{'idle p99':>11}{'train p50':>11}{'train p99':>11}{'x p50':>8}{'x p99':>8}"
-    )
-    for name, label in (("submit", "rating submit (ms)"), ("generate", "generate (ms)")):
-        a, b = idle[name], loaded[name]
-        i50, i99, t50, t99 = percentile(a, 50), percentile(a, 99), percentile(b, 50), percentile(b, 99)
+    for key, ph in phases.items():
+        rate = f" ({ph['rate']:.1f} img/s at the end)" if ph["rate"] else ""
         print(
-            f"{label:<22}{len(a):>5}{i50:>11.1f}{i99:>11.1f}{t50:>11.1f}{t99:>11.1f}{t50 / i50:>8.2f}{t99 / i99:>8.2f}"
+            f"  job, {key}: {ph['steps']} steps in {ph['seconds']:.1f} s = {ph['steps'] / ph['seconds']:.2f} steps/s{rate}"
         )
+    head = f"{'request':<22}{'n':>5}{'idle p50':>10}{'idle p99':>10}"
+    for key in phases:
+        head += f" | {key + ' p50':>22}{'p99':>9}{'x p50':>7}{'x p99':>7}"
+    print(head)
+    for name, label in (("submit", "rating submit (ms)"), ("generate", "generate (ms)")):
+        a = idle[name]
+        i50, i99 = percentile(a, 50), percentile(a, 99)
+        line = f"{label:<22}{len(a):>5}{i50:>10.1f}{i99:>10.1f}"
+        for ph in phases.values():
+            b = ph["latency"][name]
+            t50, t99 = percentile(b, 50), percentile(b, 99)
+            line += f" | {t50:>22.1f}{t99:>9.1f}{t50 / i50:>7.2f}{t99 / i99:>7.2f}"
+        print(line)
     if args.keep:
         print(f"kept {root}")
     else:

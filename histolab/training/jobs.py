@@ -194,8 +194,9 @@ class Job:
         """Ask the run to stop: it saves its state and the current adapter at the next step."""
         (self.dir / CANCEL_FILE).write_text(str(time.time()))
 
-    def resume(self, *, python: str | None = None) -> Job:
-        """Continue an interrupted or cancelled job from its last checkpoint, in a new process."""
+    def resume(self, *, python: str | None = None, threads: int | None = None) -> Job:
+        """Continue an interrupted or cancelled job from its last checkpoint, in a new process
+        (``threads`` as in JobStore.start)."""
         if self.running():
             raise InvalidRequest(f"job {self.id} is still running")
         spec = self.spec()
@@ -203,7 +204,7 @@ class Job:
         _write_json(self.dir / JOB_FILE, asdict(spec))
         (self.dir / CANCEL_FILE).unlink(missing_ok=True)
         _write_status(self.dir, {"state": "queued", "message": "resuming"})
-        spawn(self.dir, python=python)
+        spawn(self.dir, python=python, threads=threads)
         return self
 
     def wait(self, timeout: float | None = None, poll: float = 0.5, callback=None) -> JobStatus:
@@ -252,10 +253,11 @@ class JobStore:
         _write_status(folder, {"state": "queued", "created": time.time(), "method": method})
         return Job(folder)
 
-    def start(self, spec: JobSpec, *, python: str | None = None) -> Job:
-        """Check ``spec``, create the job and run it in its own process; returns at once."""
+    def start(self, spec: JobSpec, *, python: str | None = None, threads: int | None = None) -> Job:
+        """Check ``spec``, create the job and run it in its own process; returns at once.
+        ``threads``: the job's torch threads (histolab.threads; None: torch's default)."""
         job = self.create(spec)
-        spawn(job.dir, python=python)
+        spawn(job.dir, python=python, threads=threads)
         return job
 
     def get(self, job_id: str) -> Job:
@@ -270,9 +272,11 @@ class JobStore:
         return [Job(p) for p in sorted(self.root.iterdir()) if (p / JOB_FILE).is_file()]
 
 
-def spawn(folder: Path, *, python: str | None = None) -> subprocess.Popen:
+def spawn(folder: Path, *, python: str | None = None, threads: int | None = None) -> subprocess.Popen:
     """Start the worker for ``folder``, detached (own session), its output appended to the job's log."""
-    env = dict(os.environ)
+    from histolab.threads import job_environment
+
+    env = job_environment(dict(os.environ), threads)
     env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("PYTHONUNBUFFERED", "1")
     with open(folder / LOG_FILE, "ab") as log:

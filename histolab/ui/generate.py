@@ -157,6 +157,7 @@ def run(
 
         raise ModelNotFound(problem)
     model = services.model(source, dtype)
+    services.thread_share.apply()  # this thread runs the networks: half the cores while a job trains
     return generate(model, request, progress=progress, cancel=cancel, on_latents=on_latents)
 
 

@@ -173,6 +173,7 @@ class Services:
         self._scan_lock = threading.Lock()
         self._scan_cache: tuple[tuple, list] | None = None
         self.job_monitor = None  # histolab.ui.train.JobMonitor, started by the Train tab
+        self._thread_share = None  # histolab.threads.ThreadShare, made on first use (it imports torch)
         self.preload = Preload()
 
     # ------------------------------------------------------------ folders
@@ -390,6 +391,22 @@ class Services:
         return get_extractor(name, paths=self.paths)
 
     # ------------------------------------------------------------ training
+    @property
+    def thread_share(self):
+        """How this app and the jobs it starts split the cores (histolab.threads)."""
+        if self._thread_share is None:
+            from histolab.threads import ThreadShare
+
+            self._thread_share = ThreadShare(self.jobs_running)
+        return self._thread_share
+
+    def jobs_running(self) -> bool:
+        """Whether a training job of this app's jobs folder is running now (its worker holds its lock)."""
+        try:
+            return any(job.running() for job in self.jobs().list())
+        except (ModelNotFound, OSError):
+            return False
+
     def jobs(self):
         try:
             from histolab.training import JobStore

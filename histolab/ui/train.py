@@ -122,7 +122,9 @@ def start_job(
         data=data,
         device=None if services.settings.device == "auto" else services.settings.device,
     )
-    job = services.jobs().start(spec, python=services.job_python)
+    share = services.thread_share
+    job = services.jobs().start(spec, python=services.job_python, threads=share.job_threads())
+    share.forget()  # the next generation sees the new job at once
     _monitor(services)
     return job.id
 
@@ -226,7 +228,8 @@ def resume_job(services, session: dict, job_id: str) -> str:
     st = job.status()
     if st.state not in ("cancelled", "interrupted", "failed"):
         raise InvalidRequest(f"job {job.id} is {st.state}; only a cancelled, interrupted or failed job resumes")
-    job.resume(python=services.job_python)
+    job.resume(python=services.job_python, threads=services.thread_share.job_threads())
+    services.thread_share.forget()
     _monitor(services)
     return f"job {job.id} resumed from its last checkpoint"
 
