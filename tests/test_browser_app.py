@@ -13,93 +13,37 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from app_testkit import ADMIN_PASSWORD, add_lora, make_services, served
-from waiting import GENEROUS_MS
+from app_testkit import ADMIN_PASSWORD, add_lora, make_services
+from browser_kit import WAIT, browsing, expect, field, shot, tab
 
 pytestmark = pytest.mark.browser
-
-
-def expect(locator):
-    from playwright.sync_api import expect as pw_expect
-
-    pw_expect.set_options(timeout=WAIT)  # its own default is 5 s
-    return pw_expect(locator)
-
-
-ROOT = Path(__file__).resolve().parent.parent
-SHOTS = ROOT / "test-artifacts" / "browser"
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-# ms; a guard against a hang, not a speed limit: the tiny model answers in well under a second idle, and
-# every wait below is on a DOM state, so a loaded CI machine only makes it take longer.
-WAIT = GENEROUS_MS
-
-
-class PatientBrowser:
-    """The browser, with every page and context it opens waiting ``WAIT`` by default (Playwright's own
-    default is 30 s for each click, fill and read)."""
-
-    def __init__(self, browser):
-        self._browser = browser
-
-    def new_page(self, **kw):
-        return self._patient(self._browser.new_page(**kw))
-
-    def new_context(self, **kw):
-        return self._patient(self._browser.new_context(**kw))
-
-    @staticmethod
-    def _patient(target):
-        target.set_default_timeout(WAIT)
-        target.set_default_navigation_timeout(WAIT)
-        return target
 
 
 @pytest.fixture(scope="module")
 def env(tiny_model, tmp_path_factory):
     from histolab.cli.demo_data import write_generated_set
 
-    if not Path(CHROMIUM).exists():
-        pytest.fail(
-            f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium); scripts/test.sh does"
-        )
-    from playwright.sync_api import sync_playwright
-
     root = tmp_path_factory.mktemp("browser")
     services = make_services(root, tiny_model, max_steps=25)
     add_lora(tiny_model, services.paths.checkpoints, "lora-brown", seed=3)
     write_generated_set(tiny_model, services.sets_root / "model-x", 3.0, per_class=2, steps=2, seed=0)
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with served(services) as (_, url), sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            yield {
-                "url": url,
-                "browser": PatientBrowser(browser),
-                "services": services,
-                "forbidden": [
-                    "model-x",
-                    "bundled-test",
-                    "bundled-val",
-                    "generated",
-                    "random-tiny",
-                    "lora-brown",
-                    "embedded",
-                    str(root),
-                    "recipe",
-                ],
-            }
-        finally:
-            browser.close()
+    with browsing(services) as (url, browser):
+        yield {
+            "url": url,
+            "browser": browser,
+            "services": services,
+            "forbidden": [
+                "model-x",
+                "bundled-test",
+                "bundled-val",
+                "generated",
+                "random-tiny",
+                "lora-brown",
+                "embedded",
+                str(root),
+                "recipe",
+            ],
+        }
 
 
 def gradio_static_file(url: str, body: bytes) -> bool:
@@ -113,18 +57,6 @@ def gradio_static_file(url: str, body: bytes) -> bool:
         return False
     local = Path(gradio.__file__).parent / "templates" / "frontend" / path.lstrip("/")
     return local.is_file() and local.read_bytes() == body
-
-
-def field(page, elem_id: str):
-    return page.locator(f"#{elem_id} textarea, #{elem_id} input").first
-
-
-def tab(page, name: str) -> None:
-    page.get_by_role("tab", name=name).click()
-
-
-def shot(page, name: str) -> None:
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
 def test_generate_a_batch_and_an_xy_plot(env):

@@ -16,8 +16,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from app_testkit import make_services, served
-from test_browser_app import ARGS, CHROMIUM, SHOTS, WAIT, PatientBrowser, expect, field, tab
+from app_testkit import make_services
+from browser_kit import SHOTS, WAIT, browsing, expect, field, tab
 from waiting import GENEROUS
 
 pytestmark = pytest.mark.browser
@@ -51,10 +51,6 @@ class Gate:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
     from histolab.pipeline import load_base
 
     model = load_base("embedded")  # the embedded default, as a first visitor gets it
@@ -64,14 +60,9 @@ def env(tmp_path_factory):
     services = make_services(root, model, max_steps=40)
     for name in (TI, PROJECTOR):
         shutil.copytree(ROOT / "checkpoints" / name, services.paths.checkpoints / name)
-    SHOTS.mkdir(parents=True, exist_ok=True)
     try:
-        with served(services) as (_, url), sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            try:
-                yield {"url": url, "browser": PatientBrowser(browser), "gate": gate, "services": services}
-            finally:
-                browser.close()
+        with browsing(services) as (url, browser):
+            yield {"url": url, "browser": browser, "gate": gate, "services": services}
     finally:
         gate.release.set()
         handle.remove()

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import base64
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
-from app_testkit import make_services, served
-from test_browser_app import ARGS, CHROMIUM, SHOTS, PatientBrowser, expect, field
+from app_testkit import make_services
+from browser_kit import SHOTS, browsing, expect, field
 from test_review_support import MODELS, REAL, answers_for, make_sources, new_id, study_dict
 
 pytestmark = pytest.mark.browser
@@ -30,10 +29,6 @@ STUDY = "s1"
 def env(tiny_model, tmp_path_factory):
     from histolab.review import create_study, next_task, parse_config, submit
 
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
     root = tmp_path_factory.mktemp("prank")
     sources = make_sources(root, per_class=1)
     services = make_services(root, tiny_model)
@@ -43,19 +38,14 @@ def env(tiny_model, tmp_path_factory):
     rng = np.random.default_rng(0)
     while (task := next_task(store, STUDY, "ann")) is not None:  # the ordinary tasks come first
         submit(store, STUDY, "ann", task.task_id, answers_for(task, rng), new_id())
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with served(services) as (_, url), sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            yield {
-                "url": url,
-                "browser": PatientBrowser(browser),
-                "services": services,
-                "codes": report.raters,
-                "forbidden": [REAL, *MODELS, "GENFILE", "generated", str(root), "recipe", "sources/"],
-            }
-        finally:
-            browser.close()
+    with browsing(services) as (url, browser):
+        yield {
+            "url": url,
+            "browser": browser,
+            "services": services,
+            "codes": report.raters,
+            "forbidden": [REAL, *MODELS, "GENFILE", "generated", str(root), "recipe", "sources/"],
+        }
 
 
 def choice(page, slot: int, rank: int):

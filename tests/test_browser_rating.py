@@ -11,11 +11,10 @@ A screenshot of the rater page goes to test-artifacts/browser/rater-page.png.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
-from app_testkit import make_services, served
-from test_browser_app import ARGS, CHROMIUM, SHOTS, PatientBrowser, expect, field
+from app_testkit import make_services
+from browser_kit import SHOTS, browsing, expect, field
 from test_review_support import CLASSES, MODELS, REAL, make_sources
 
 pytestmark = pytest.mark.browser
@@ -31,10 +30,6 @@ INSTRUCTIONS = "Score what you see; the keys below make it fast."
 def env(tiny_model, tmp_path_factory):
     from histolab.data.prompts import CLASS_PROMPTS
     from histolab.review import create_study, parse_config
-
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
 
     root = tmp_path_factory.mktemp("rating")
     sources = make_sources(root, per_class=1)
@@ -64,19 +59,14 @@ def env(tiny_model, tmp_path_factory):
     }
     report = create_study(services.store(), parse_config(config))
     assert report.units == 3
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with served(services) as (_, url), sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            yield {
-                "url": url,
-                "browser": PatientBrowser(browser),
-                "services": services,
-                "codes": report.raters,
-                "forbidden": [REAL, *MODELS, "GENFILE", "generated", str(root), "recipe", "pick-"],
-            }
-        finally:
-            browser.close()
+    with browsing(services) as (url, browser):
+        yield {
+            "url": url,
+            "browser": browser,
+            "services": services,
+            "codes": report.raters,
+            "forbidden": [REAL, *MODELS, "GENFILE", "generated", str(root), "recipe", "pick-"],
+        }
 
 
 def rater_page(env):

@@ -145,7 +145,11 @@ def build_app(services: Services | AppSettings | None = None):
 def launch_options(
     settings: AppSettings, paths: Paths | None = None, services: Services | None = None
 ) -> dict[str, Any]:
-    """``launch()`` keyword arguments: no telemetry, no monitoring, and never serving model or review files."""
+    """``launch()`` keyword arguments: no telemetry, no monitoring, and never serving model or review files.
+    Also makes launch's own reachability check patient on a busy machine (histolab.ui.reachable)."""
+    from histolab.ui import reachable
+
+    reachable.install()
     paths = paths or (services.paths if services else Paths.from_env())
     folders = [paths.checkpoints, paths.annotations, paths.jobs, paths.outputs, EMBEDDED_BASE_DIR.parent]
     if services is not None:
