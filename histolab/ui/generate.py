@@ -157,8 +157,9 @@ def run(
 
         raise ModelNotFound(problem)
     model = services.model(source, dtype)
-    services.thread_share.apply()  # this thread runs the networks: half the cores while a job trains
-    return generate(model, request, progress=progress, cancel=cancel, on_latents=on_latents)
+    # On the app's network thread (histolab.torch_worker), which also sets torch's thread count for now:
+    # half the cores while a training job runs (histolab.threads).
+    return services.torch.call(generate, model, request, progress=progress, cancel=cancel, on_latents=on_latents)
 
 
 def step_progress(progress, unit: str = "step"):

@@ -21,6 +21,7 @@ from typing import Any
 
 from histolab.config import EMBEDDED_BASE_DIR, EMBEDDED_BASE_ID, PROJECT_ROOT, Paths
 from histolab.errors import InvalidRequest, ModelNotFound
+from histolab.torch_worker import TorchWorker
 from histolab.ui.auth import Auth
 from histolab.ui.settings import AppSettings
 from histolab.ui.tasks import TaskRunner
@@ -163,7 +164,10 @@ class Services:
         self.paths = paths or Paths.from_env()
         self._default_loader = model_loader is None
         self.embedded_dir = Path(embedded_dir)  # where the embedded default must be (tests point it elsewhere)
-        self.models = ModelCache(model_loader or default_loader(self.settings), self.settings.models_cached)
+        # All network work (loads, warm-ups, generations) on one thread (histolab.torch_worker).
+        self.torch = TorchWorker(prepare=lambda: self.thread_share.apply())
+        loader = model_loader or default_loader(self.settings)
+        self.models = ModelCache(lambda *a, **kw: self.torch.call(loader, *a, **kw), self.settings.models_cached)
         self._extractor = extractor
         self.job_python = job_python
         self._store = None
@@ -274,7 +278,7 @@ class Services:
                 for i, b in enumerate(warm_batches):
                     if i and pre.visitor.is_set():
                         break
-                    warm_up(model, (b,))
+                    self.torch.call(warm_up, model, (b,))
                 pre.detail = describe_model(model)
                 pre.state = "ready"
             except Exception as exc:  # shown on the status line; a request then gets the error itself
@@ -310,7 +314,8 @@ class Services:
         with self._scan_lock:
             if not refresh and self._scan_cache is not None and self._scan_cache[0] == sig:
                 return self._scan_cache[1]
-            entries = scan(self.paths.checkpoints, runtime=default_runtime())
+            # Loading checks each tensor (shapes, finite values): torch work, so on the network thread.
+            entries = self.torch.call(scan, self.paths.checkpoints, runtime=default_runtime())
             self._scan_cache = (sig, entries)
             return entries
 

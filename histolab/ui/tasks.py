@@ -180,7 +180,11 @@ class TaskRunner:
             task_id = self._queue.get()
             if task_id is None:
                 return
-            self._run(task_id)
+            # Each task in a thread that ends with it: a thread that ran torch work keeps an OpenMP team
+            # for its lifetime, which slows every later generation (histolab.torch_worker).
+            runner = threading.Thread(target=self._run, args=(task_id,), name="histolab-task", daemon=True)
+            runner.start()
+            runner.join()
 
     def _run(self, task_id: str) -> None:
         with self._lock:
