@@ -33,6 +33,18 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def user_threads(env=None) -> int | None:
+    """OMP_NUM_THREADS when it is set to a whole number above 0, else None."""
+    value = (os.environ if env is None else env).get("OMP_NUM_THREADS", "")
+    return int(value) if value.strip().isdigit() and int(value) > 0 else None
+
+
+def _torch_set_num_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def split(cores: int) -> tuple[int, int]:
     """(app threads, job threads) while a job trains beside the app."""
     job = max(1, (cores + 1) // 2)
@@ -62,15 +74,15 @@ class ThreadShare:
         set_threads: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
-        import torch
-
         self._jobs_running = jobs_running
-        self.full = full or torch.get_num_threads()  # OMP_NUM_THREADS when the user set it, else every core
+        # From the environment, not torch.get_num_threads(): that reads a process-wide default other
+        # threads change for a moment (histolab.torch_worker.one_thread).
+        self.full = full or user_threads() or available_cores()
         self.app, self.job = split(cores or available_cores())
         self.app = min(self.app, self.full)
         self.enabled = enabled
         self._recheck_s = recheck_s
-        self._set = set_threads or torch.set_num_threads
+        self._set = set_threads or _torch_set_num_threads
         self._clock = clock
         self._lock = threading.Lock()
         self._checked = float("-inf")

@@ -114,3 +114,12 @@ def test_a_job_process_gets_its_share_in_its_environment(tmp_path, monkeypatch):
     jobs_module.spawn(folder)
     assert envs[0]["OMP_NUM_THREADS"] == "1" and envs[0]["MKL_NUM_THREADS"] == "1"
     assert "OMP_NUM_THREADS" not in envs[1]
+
+
+def test_the_apps_full_count_comes_from_the_environment():
+    from histolab.threads import available_cores, user_threads
+
+    assert user_threads({"OMP_NUM_THREADS": "3"}) == 3
+    assert user_threads({"OMP_NUM_THREADS": "0"}) is None and user_threads({"OMP_NUM_THREADS": "x"}) is None
+    assert user_threads({}) is None
+    assert ThreadShare(lambda: False, set_threads=lambda n: None).full == (user_threads() or available_cores())

@@ -41,3 +41,16 @@ def test_requests_from_many_threads_are_served_one_at_a_time():
     for t in threads:
         t.join()
     assert not overlaps and len(set(results)) == 1 and len(results) == 8
+
+
+def test_one_thread_limits_only_the_calling_thread_and_restores_it():
+    import torch
+
+    from histolab.torch_worker import one_thread
+
+    worker = TorchWorker(prepare=lambda: torch.set_num_threads(2))
+    before = torch.get_num_threads()
+    with one_thread():
+        assert torch.get_num_threads() == 1
+        assert worker.call(torch.get_num_threads) == 2  # the network thread keeps its own count
+    assert torch.get_num_threads() == before

@@ -21,7 +21,7 @@ from typing import Any
 
 from histolab.config import EMBEDDED_BASE_DIR, EMBEDDED_BASE_ID, PROJECT_ROOT, Paths
 from histolab.errors import InvalidRequest, ModelNotFound
-from histolab.torch_worker import TorchWorker
+from histolab.torch_worker import TorchWorker, one_thread
 from histolab.ui.auth import Auth
 from histolab.ui.settings import AppSettings
 from histolab.ui.tasks import TaskRunner
@@ -314,8 +314,11 @@ class Services:
         with self._scan_lock:
             if not refresh and self._scan_cache is not None and self._scan_cache[0] == sig:
                 return self._scan_cache[1]
-            # Loading checks each tensor (shapes, finite values): torch work, so on the network thread.
-            entries = self.torch.call(scan, self.paths.checkpoints, runtime=default_runtime())
+            # Loading checks each tensor (shapes, finite values): torch work, done on one thread so that
+            # this one (the page's build, a request) starts no OpenMP team (histolab.torch_worker). Not
+            # on the network thread: the page's build would wait for the preload's model load.
+            with one_thread():
+                entries = scan(self.paths.checkpoints, runtime=default_runtime())
             self._scan_cache = (sig, entries)
             return entries
 
