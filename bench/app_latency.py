@@ -56,6 +56,17 @@ def base_model(arch: str):
     return random_base(arch, seed=0), f"random-init {arch} architecture (embedded weights not installed)"
 
 
+def in_passing_thread(fn, *args):
+    """``fn(*args)`` in a thread that ends when it returns."""
+    import threading
+
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(value=fn(*args)))
+    thread.start()
+    thread.join()
+    return box["value"]
+
+
 def make_study(services, n_tasks: int) -> str:
     """A study of real bundled crops with one rater; returns the rater's code."""
     from histolab.review import create_study, parse_config
@@ -143,9 +154,12 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="histolab-latency-"))
-    model, model_note = base_model(args.arch)
+    # The model's load and save run in a thread that ends before the app starts, as in `python app.py`
+    # (whose main thread runs no torch work): a live thread that has run torch work keeps an OpenMP team,
+    # which slows the app's network thread (histolab.torch_worker).
+    model, model_note = in_passing_thread(base_model, args.arch)
     paths = Paths.from_env({"HISTOLAB_DATA_DIR": str(root)})
-    base_dir = save_pipeline_folder(model, paths.checkpoints / "bench-base")  # for the job's own process
+    base_dir = in_passing_thread(save_pipeline_folder, model, paths.checkpoints / "bench-base")  # for the job
     settings = AppSettings(max_steps=max(150, args.steps), local_admin=True)
     services = Services(settings, paths, model_loader=lambda source: model)
     code = make_study(services, 2 * args.ratings + 4)
