@@ -19,6 +19,7 @@ it in the environment keeps it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -109,3 +110,19 @@ class ThreadShare:
         """Look at the jobs again on the next ``apply`` (a job was just started or stopped)."""
         with self._lock:
             self._checked = float("-inf")
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Small torch work outside the network thread (histolab.torch_worker) on this thread alone: an
+    adapter file's tensors checked while the page is built, a tiny downstream classifier. The thread
+    then starts no OpenMP team of its own; torch keeps the count per thread, so the network thread is
+    unaffected. Restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

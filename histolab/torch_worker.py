@@ -12,7 +12,6 @@ preload has a thread of its own, so the app hands all that work to this one thre
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -62,18 +61,3 @@ class TorchWorker:
                 box["error"] = exc
             finally:
                 done.set()
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Small torch work outside the network thread (checking an adapter file's tensors while the page is
-    built) on this thread alone: it then starts no OpenMP team of its own. torch keeps the count per
-    thread, so the network thread is unaffected."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -46,7 +46,7 @@ def test_requests_from_many_threads_are_served_one_at_a_time():
 def test_one_thread_limits_only_the_calling_thread_and_restores_it():
     import torch
 
-    from histolab.torch_worker import one_thread
+    from histolab.threads import one_thread
 
     worker = TorchWorker(prepare=lambda: torch.set_num_threads(2))
     before = torch.get_num_threads()

@@ -10,12 +10,12 @@ accuracy of a state-of-the-art classifier.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from histolab.errors import DataError, InvalidRequest
+from histolab.threads import one_thread
 
 REGIMES = ("real", "real+synthetic", "synthetic")
 
@@ -73,22 +73,10 @@ def _augment(x, gen):
     return x
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Run a tiny network on one thread: its layers are too small to split, and on a busy
-    machine two spinning threads make it an order of magnitude slower. Restored after."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def train_and_test(x_train, y_train, x_test, y_test, n_classes: int, config: DownstreamConfig) -> dict:
-    with _one_thread():
+    # A tiny network: its layers are too small to split, and on a busy machine two spinning threads
+    # make it an order of magnitude slower.
+    with one_thread():
         return _train_and_test(x_train, y_train, x_test, y_test, n_classes, config)
 
 

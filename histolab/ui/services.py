@@ -21,7 +21,8 @@ from typing import Any
 
 from histolab.config import EMBEDDED_BASE_DIR, EMBEDDED_BASE_ID, PROJECT_ROOT, Paths
 from histolab.errors import InvalidRequest, ModelNotFound
-from histolab.torch_worker import TorchWorker, one_thread
+from histolab.threads import one_thread
+from histolab.torch_worker import TorchWorker
 from histolab.ui.auth import Auth
 from histolab.ui.settings import AppSettings
 from histolab.ui.tasks import TaskRunner
