@@ -77,7 +77,7 @@ class ThreadShare:
     ):
         self._jobs_running = jobs_running
         # From the environment, not torch.get_num_threads(): that reads a process-wide default other
-        # threads change for a moment (histolab.torch_worker.one_thread).
+        # threads change for a moment (one_thread below).
         self.full = full or user_threads() or available_cores()
         self.app, self.job = split(cores or available_cores())
         self.app = min(self.app, self.full)

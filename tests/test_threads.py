@@ -25,23 +25,20 @@ def test_a_job_gets_its_share_unless_the_user_set_the_threads():
     assert job_environment({"PATH": "/bin"}, None) == {"PATH": "/bin"}
 
 
-class Clock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
-
-
 def test_the_app_uses_its_share_while_a_job_runs_and_every_core_after():
-    running, calls, clock = [False], [], Clock()
-    share = ThreadShare(lambda: calls.append("asked") or running[0], cores=4, full=4, set_threads=calls.append)
-    share._clock = clock
+    running, calls, now = [False], [], [0.0]
+    share = ThreadShare(
+        lambda: calls.append("asked") or running[0],
+        cores=4,
+        full=4,
+        set_threads=calls.append,
+        clock=lambda: now[0],
+    )
     assert share.apply() == 4 and share.job_threads() == 2
     running[0] = True
-    clock.t = 0.5
+    now[0] = 0.5
     assert share.apply() == 4  # asked at most once a second: the jobs folder is read on a request's path
-    clock.t = 1.0
+    now[0] = 1.0
     assert share.apply() == 2
     running[0] = False
     share.forget()  # e.g. the app just started or stopped a job
