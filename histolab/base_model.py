@@ -48,6 +48,8 @@ class BaseModel:
     prompt_cache: Any = field(default=None, repr=False)
     # The U-Net as frozen graphs (histolab.traced), set by optimize_for_inference(trace=True).
     traced_unet: Any = field(default=None, repr=False)
+    # Its ahead-of-time compiled packages (histolab.compiled_unet), set with traced_unet on CPU.
+    compiled_unets: Any = field(default=None, repr=False)
 
     @property
     def short_hash(self) -> str:

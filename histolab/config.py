@@ -40,3 +40,10 @@ class Paths:
 # (movable) data dir, so that a Space with /data still finds it.
 EMBEDDED_BASE_DIR = PROJECT_ROOT / "checkpoints" / "embedded-base"
 EMBEDDED_BASE_ID = "embedded"
+
+
+def cache_root(env: dict[str, str] | None = None) -> Path:
+    """Where histolab keeps what it derives and can remake (converted weights, compiled networks):
+    $HISTOLAB_CACHE, else ~/.cache/histolab (on a Space, point it at /data to keep it across restarts)."""
+    root = (os.environ if env is None else env).get("HISTOLAB_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "histolab"

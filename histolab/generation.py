@@ -22,6 +22,7 @@ from typing import Any
 from PIL import Image
 
 from histolab.adapters.spec import AdapterSpec
+from histolab.compiled_unet import KIND as COMPILED_KIND
 from histolab.errors import Cancelled, InvalidRequest, is_cancelled
 from histolab.precision import dtype_name
 from histolab.recipe import AdapterUse, Recipe
@@ -45,6 +46,7 @@ MAX_SIDE = 2048
 # that differ are zero-padded to FIXED_ROWS instead; and (b) the U-Net never runs
 # on a batch of one: a lone unguided image is run twice. The decoder always runs
 # on one image and the text encoder on one prompt, so they need neither.
+KERNELS = ("auto", "aten")
 FIXED_ROWS = 2 * MAX_BATCH  # guidance doubles the batch
 _TIME_LINEAR = re.compile(r"(^|\.)(time_embedding|add_embedding|class_embedding)\.|time_emb_proj")
 
@@ -63,6 +65,9 @@ class GenerationRequest:
     batch_size: int = 1
     seed: int = 0
     adapters: tuple[AdapterSpec, ...] = field(default_factory=tuple)
+    # "auto": the U-Net compiled ahead of time where its package is built (histolab.compiled_unet), else
+    # ATen's kernels; "aten": ATen's kernels always (what a recipe made with them re-runs with).
+    kernels: str = "auto"
 
     def validate(self, model=None) -> GenerationRequest:
         """Check every field; return the request with sizes filled in. Names the bad value."""
@@ -79,6 +84,8 @@ class GenerationRequest:
         if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
             raise InvalidRequest(f"`steps` must be an integer from 1 to {MAX_STEPS} but is {self.steps!r}")
         check_name(self.scheduler)
+        if self.kernels not in KERNELS:
+            raise InvalidRequest(f"`kernels` must be one of {KERNELS} but is {self.kernels!r}")
         if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= MAX_BATCH:
             raise InvalidRequest(f"`batch_size` must be from 1 to {MAX_BATCH} but is {self.batch_size!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63 - MAX_BATCH:
@@ -198,6 +205,10 @@ def _generate_locked(
     traced = getattr(model, "traced_unet", None)
     if traced is not None and not traced.usable(model):
         traced = None  # adapters applied: the eager module sees their layers and hooks
+    compiled = None
+    if traced is not None and req.kernels == "auto" and getattr(model, "compiled_unets", None) is not None:
+        rows = embeds.shape[0]
+        compiled = model.compiled_unets.runner(model, (rows, *latents.shape[1:]), tuple(embeds.shape[1:]))
     if traced is not None:
         traced = traced.bind(model, tag=("fixed_rows", exact))  # the weights cannot change under the lock
 
@@ -208,7 +219,9 @@ def _generate_locked(
                 raise Cancelled(f"generation cancelled after {i} of {len(timesteps)} steps")
             x_in = torch.cat([latents, latents]) if twice else latents
             x_in = scheduler.scale_model_input(x_in, t).to(dtype)
-            if traced is not None:
+            if compiled is not None:
+                eps = compiled(x_in, t, embeds).float()
+            elif traced is not None:
                 eps = traced(x_in, t, embeds).float()
             else:
                 eps = model.unet(x_in, t, encoder_hidden_states=embeds).sample.float()
@@ -252,6 +265,7 @@ def _generate_locked(
             seed=s,
             adapters=tuple(used),
             dtype=dtype_name(dtype),
+            kernels=COMPILED_KIND if compiled is not None else "",
         )
         out.append(GeneratedImage(img, recipe))
     return out
@@ -318,4 +332,6 @@ def request_from_recipe(recipe: Recipe, reference=None) -> GenerationRequest:
         batch_size=1,
         seed=recipe.seed,
         adapters=adapters,
+        # ATen's kernels for a recipe made with them; the compiled U-Net, where built, for one made with it
+        kernels="auto" if recipe.kernels else "aten",
     )

@@ -27,7 +27,12 @@ from histolab.files import sha256_file, sniff
 
 
 def optimize_for_inference(
-    model: BaseModel, *, channels_last: bool | None = None, compile: bool = False, trace: bool | None = None
+    model: BaseModel,
+    *,
+    channels_last: bool | None = None,
+    compile: bool = False,
+    trace: bool | None = None,
+    aot: bool | None = None,
 ) -> BaseModel:
     """Speed settings for generation; results stay deterministic for a given setting.
 
@@ -49,6 +54,11 @@ def optimize_for_inference(
     (histolab.traced), the same kernels without diffusers' Python; about a
     second to trace per batch shape, the same output bits as eager. Off for
     float32, which keeps today's eager path.
+
+    ``aot`` (None: with the traced U-Net on CPU): use the U-Net compiled ahead
+    of time (histolab.compiled_unet) for each input shape whose package has
+    been built; faster kernels that round differently from ATen's (recipes
+    record which ran).
     """
     import torch
 
@@ -69,10 +79,19 @@ def optimize_for_inference(
         model.traced_unet = model.traced_unet or TracedUNet()
     else:
         model.traced_unet = None
+    if aot is None:
+        aot = model.traced_unet is not None and device_type == "cpu"
+    if aot and model.traced_unet is not None:
+        from histolab.compiled_unet import CompiledUNets
+
+        model.compiled_unets = model.compiled_unets or CompiledUNets()
+    else:
+        model.compiled_unets = None
     model.optimizations = {
         "channels_last": bool(channels_last),
         "compile": compiled,
         "trace": model.traced_unet is not None,
+        "aot": model.compiled_unets is not None,
     }
     return model
 

@@ -55,6 +55,9 @@ class Recipe:
     # What the networks ran in (histolab.precision): bfloat16 pixels differ from float32's
     # by rounding, so a re-run loads the model in this dtype. "" in recipes made before it was kept.
     dtype: str = ""
+    # Which kernels ran the U-Net: "" ATen's (eager or traced: the same bits), "inductor-aot" the
+    # compiled U-Net (histolab.compiled_unet), whose pixels differ from ATen's by rounding.
+    kernels: str = ""
     version: int = RECIPE_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # One thread per process, set before torch loads so that every child process (job workers, app and CLI
 # subprocesses) inherits it too. The tiny test models gain nothing from a second thread, and on a busy
@@ -17,6 +20,11 @@ import torch
 import histolab  # noqa: F401  (torchvision shim first)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# No background U-Net compiles (minutes of CPU) from apps the tests start, and compiled packages only in
+# a folder of this test run (tests/test_compiled_unet.py builds one on purpose).
+os.environ["HISTOLAB_COMPILE_UNET"] = "0"
+os.environ["HISTOLAB_COMPILED_CACHE"] = tempfile.mkdtemp(prefix="histolab-test-compiled-")
+atexit.register(shutil.rmtree, os.environ["HISTOLAB_COMPILED_CACHE"], True)
 torch.set_num_threads(1)
 
 

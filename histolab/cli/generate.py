@@ -217,6 +217,12 @@ def run(args) -> int:
     optimize_for_inference(
         model, channels_last={"auto": None, "on": True, "off": False}[args.channels_last], compile=args.compile
     )
+    if recipe is not None and recipe.kernels and model.compiled_unets is None:
+        print(
+            f"warning: {args.from_png} was made with the compiled U-Net ({recipe.kernels}), which this run does not "
+            "use (it needs the bfloat16 CPU path): the pixels will differ by rounding",
+            file=sys.stderr,
+        )
 
     rank = f"process {state.process_index}/{state.num_processes} " if state and state.num_processes > 1 else ""
     if folder_mode:

@@ -47,8 +47,9 @@ CONVERTED_VERSION = "1"  # bump when the converted layout changes
 
 def cache_dir() -> Path:
     """Where converted weights are kept: $HISTOLAB_CACHE, else ~/.cache/histolab."""
-    root = os.environ.get("HISTOLAB_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "histolab"
+    from histolab.config import cache_root
+
+    return cache_root()
 
 
 def locate_default_1() -> Path:

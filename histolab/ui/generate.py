@@ -406,12 +406,17 @@ def rerun_recipe(services, session: dict, path, reference_path, progress=None) -
             f"this recipe was made from a reference patch (hash {recipe.reference_hash[:10]}); upload that patch too"
         )
     source, request = make_request(services, form)
-    request = replace(request, width=recipe.width, height=recipe.height)
+    request = replace(request, width=recipe.width, height=recipe.height, kernels="auto" if recipe.kernels else "aten")
     dtype = recipe_dtype(recipe, notes)
     images = run(services, source, request, step_progress(progress), dtype=dtype)
     g = images[0]
     if dtype and g.recipe.dtype != dtype:
         notes.append(f"made in {g.recipe.dtype}, the recipe in {dtype}, so the pixels differ by rounding")
+    if g.recipe.kernels != recipe.kernels:
+        notes.append(
+            f"made with {g.recipe.kernels or 'ATen'} kernels, the recipe with {recipe.kernels or 'ATen'} kernels "
+            "(the compiled U-Net for this shape is not built here), so the pixels differ by rounding"
+        )
     if g.recipe.base_hash != recipe.base_hash:
         notes.append(
             f"the recipe's base {recipe.base_model!r} ({recipe.base_hash[:10]}) is not here; made with "

@@ -74,6 +74,51 @@ def describe_model(model) -> str:
     return text
 
 
+class CompileJob:
+    """``python -m histolab compile-unet`` for the preloaded model, in a background process at the
+    lowest CPU priority (a visitor's generation keeps the cores), its output in ``build.log`` beside
+    the packages. ``state``: compiling -> done | failed (exit status); the packages it writes are
+    picked up by the next generation."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str]):
+        import subprocess
+
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.log = log
+        self.state = "compiling"
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT)
+        self.thread = threading.Thread(target=self._wait, name="histolab-unet-compile", daemon=True)
+        self.thread.start()
+
+    def _wait(self) -> None:
+        rc = self.proc.wait()
+        self.state = "done" if rc == 0 else f"failed (exit status {rc}; see {self.log})"
+
+
+def start_unet_compile(model, source: str, batches: tuple[int, ...]) -> CompileJob | None:
+    """Start compiling ``model``'s U-Net for ``batches`` images at its default size, unless every
+    package is there already or the model is not on the CPU fast path. None when nothing was started."""
+    import shutil
+    import sys
+
+    units = getattr(model, "compiled_unets", None)
+    if units is None:
+        return None
+    from histolab.compiled_unet import app_shapes
+    from histolab.precision import dtype_name
+
+    if not units.missing(model, app_shapes(model, batches)):
+        return None
+    argv = [sys.executable, "-m", "histolab", "compile-unet", "--base", source, "--dtype", dtype_name(model.dtype)]
+    argv += ["--batches", ",".join(str(b) for b in batches), "--cache-dir", str(units.root)]
+    if shutil.which("nice"):
+        argv = ["nice", "-n", "19", *argv]
+    # One thread: the export runs the U-Net once; the compiler is single-threaded anyway.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return CompileJob(argv, units.root / "build.log", env)
+
+
 class ModelCache:
     """Base models by source, loaded on first use; at most ``max_models`` kept (least recently used go first).
 
@@ -180,6 +225,7 @@ class Services:
         self.job_monitor = None  # histolab.ui.train.JobMonitor, started by the Train tab
         self._thread_share = None  # histolab.threads.ThreadShare, made on first use (it imports torch)
         self.preload = Preload()
+        self.compile_job: CompileJob | None = None  # the background U-Net compile, when one was started
 
     # ------------------------------------------------------------ folders
     @property
@@ -282,6 +328,8 @@ class Services:
                     self.torch.call(warm_up, model, (b,))
                 pre.detail = describe_model(model)
                 pre.state = "ready"
+                if self.settings.compile_unet:
+                    self.compile_job = start_unet_compile(model, source, warm_batches)
             except Exception as exc:  # shown on the status line; a request then gets the error itself
                 pre.state, pre.detail = "failed", f"{type(exc).__name__}: {exc}"
             finally:

@@ -27,6 +27,9 @@ class AppSettings:
     # HISTOLAB_PRELOAD: load and warm up the base model in the background at start-up (python app.py), so the
     # first visitor does not wait for it; 0 loads it on the first request instead
     preload: bool = True
+    # HISTOLAB_COMPILE_UNET: after the preload, compile the U-Net ahead of time in a background process (CPU fast
+    # path only; about a minute per batch shape, once per machine: histolab.compiled_unet); 0 never does
+    compile_unet: bool = True
     # HISTOLAB_MAX_BATCH: images per click; 8 at 25 steps is a few seconds for the embedded model on 2 cores
     max_batch: int = 8
     max_steps: int = 150  # HISTOLAB_MAX_STEPS: beyond ~100 steps the samplers offered add nothing visible
@@ -58,6 +61,7 @@ class AppSettings:
             "device": "HISTOLAB_DEVICE",
             "dtype": "HISTOLAB_DTYPE",
             "preload": "HISTOLAB_PRELOAD",
+            "compile_unet": "HISTOLAB_COMPILE_UNET",
             "max_batch": "HISTOLAB_MAX_BATCH",
             "max_steps": "HISTOLAB_MAX_STEPS",
             "queue_size": "HISTOLAB_QUEUE_SIZE",
