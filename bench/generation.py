@@ -18,13 +18,17 @@ Profiles (``--profile auto`` picks gpu when CUDA is available):
   EMBEDDED architecture with random weights is used (it times the same) and
   the header says so. The engine is measured with and without channels_last,
   and on its ``--dtype auto`` path (histolab.precision: bfloat16 networks and a
-  traced U-Net on CPUs with avx512_bf16/AMX); a line after the table gives that
-  path's time divided by plain diffusers' float32 time (the CPU fast path's
-  target is at most 0.5). Then ``python app.py`` is started in a subprocess,
-  and a visitor asks for 4 images at 15 steps as soon as the page answers:
-  seconds from the process's start to the page and to the images, with the
-  model loaded on the first request in float32 (as before) and with the model
-  preloaded in the background on the auto path (``--startup off`` skips it).
+  traced U-Net on CPUs with avx512_bf16/AMX), before and after the U-Net is
+  compiled ahead of time for the bench's shapes (histolab.compiled_unet; the
+  packages are built first where missing, untimed, and kept in histolab's cache);
+  lines after the table give each auto path's time divided by plain diffusers'
+  float32 time (the CPU fast path's target is at most 0.5). Then ``python
+  app.py`` is started in a subprocess, and a visitor asks for 4 images at 15
+  steps as soon as the page answers: seconds from the process's start to the
+  page and to the images, with the model loaded on the first request in
+  float32 (as before), and preloaded in the background on the auto path
+  without compiled packages (a machine's first start) and with them (later
+  starts) (``--startup off`` skips it).
 * ``gpu``: SD-1.5-shaped random-init networks at 512x512, 30 steps, guidance
   7.5, batch 1 and 8, fp16 and bf16. Also prints the fraction of the compute
   floor reached: per image, steps x 2 (guided) U-Net passes + one VAE decode,
@@ -83,6 +87,7 @@ class Settings:
     threads: int
     layout_calls: int
     auto: bool = True
+    compiled: bool = True
     startup: bool = False
     startup_steps: int = 15
     startup_images: int = 4
@@ -114,6 +119,12 @@ def parse_args(argv=None) -> Settings:
         dest="auto",
         action="store_false",
         help="cpu profile: skip the engine's --dtype auto path (bfloat16 + traced U-Net where the CPU supports it)",
+    )
+    p.add_argument(
+        "--no-compiled",
+        dest="compiled",
+        action="store_false",
+        help="cpu profile: skip the compiled U-Net (histolab.compiled_unet) on the auto path",
     )
     p.add_argument(
         "--startup",
@@ -148,6 +159,7 @@ def parse_args(argv=None) -> Settings:
         threads=a.threads,
         layout_calls=a.layout_calls,
         auto=a.auto,
+        compiled=a.compiled,
         startup=(a.startup or ("off" if gpu else "on")) == "on",
         startup_steps=a.startup_steps,
         startup_images=a.startup_images,
@@ -369,7 +381,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def time_startup(s: Settings, preload: bool, dtype: str) -> tuple[float, float]:
+def time_startup(
+    s: Settings, preload: bool, dtype: str, env_extra: dict[str, str] | None = None
+) -> tuple[float, float]:
     """``python app.py`` in a subprocess; a visitor asks for the first images as soon as the page answers.
     Returns (seconds to the page answering, seconds to the first images), both from the process's start."""
     import subprocess
@@ -390,6 +404,8 @@ def time_startup(s: Settings, preload: bool, dtype: str) -> tuple[float, float]:
             "HISTOLAB_PRELOAD": "1" if preload else "0",
             "HISTOLAB_DTYPE": dtype,
             "HISTOLAB_DEVICE": s.device,
+            "HISTOLAB_COMPILE_UNET": "0",  # no background compile stealing the cores mid-measurement
+            **(env_extra or {}),
         }
         t0 = time.perf_counter()
         proc = subprocess.Popen(
@@ -423,35 +439,64 @@ def time_startup(s: Settings, preload: bool, dtype: str) -> tuple[float, float]:
 
 
 def startup_lines(s: Settings) -> list[str]:
+    import tempfile
+
+    from histolab.compiled_unet import cache_dir
+
     lines = [
         f"app start to first image: python app.py, then {s.startup_images} images at {s.startup_steps} steps "
         "asked for as soon as the page answers (seconds from the process's start)"
     ]
-    for label, preload, dtype in (
-        ("model loaded on the first request, float32 (before)", False, "float32"),
-        ("model preloaded in the background, dtype auto", True, "auto"),
-    ):
-        up, first = time_startup(s, preload, dtype)
-        lines.append(f"  {label:<56} page up {up:6.2f} s   first image {first:6.2f} s")
+    with tempfile.TemporaryDirectory(prefix="histolab-no-packages-") as empty:
+        cases = [
+            ("model loaded on the first request, float32 (before)", False, "float32", {}),
+            (
+                "model preloaded in the background, dtype auto, no compiled U-Net (a machine's first start)",
+                True,
+                "auto",
+                {"HISTOLAB_COMPILED_CACHE": empty},
+            ),
+        ]
+        if s.compiled:
+            cases.append(
+                (
+                    f"model preloaded, dtype auto, compiled U-Net packages in {cache_dir()} (later starts)",
+                    True,
+                    "auto",
+                    {},
+                )
+            )
+        for label, preload, dtype, extra in cases:
+            up, first = time_startup(s, preload, dtype, extra)
+            lines.append(f"  {label}\n  {'':<56} page up {up:6.2f} s   first image {first:6.2f} s")
     return lines
 
 
-def variants_labels(variants) -> list[str]:
-    return [v[0] for v in variants]
-
-
-def auto_engine(s: Settings):
-    """The engine as ``--dtype auto`` sets it up on this machine (histolab.precision): (model, label)."""
+def auto_engine(s: Settings, compiled: bool = False):
+    """The engine as ``--dtype auto`` sets it up on this machine (histolab.precision): (model, label).
+    ``compiled``: with the U-Net compiled ahead of time for the bench's shapes (histolab.compiled_unet),
+    built first where missing (untimed; the build time is printed)."""
     from histolab.pipeline import optimize_for_inference
     from histolab.precision import auto_dtype_name, detect_cpu_bf16
 
     cpu = detect_cpu_bf16()
-    print(f"--dtype auto on {s.device}: {cpu.describe() if s.device == 'cpu' else auto_dtype_name(s.device)}")
+    if not compiled:
+        print(f"--dtype auto on {s.device}: {cpu.describe() if s.device == 'cpu' else auto_dtype_name(s.device)}")
     import torch
 
     model, _ = build_model(s, getattr(torch, auto_dtype_name(s.device, cpu)))
-    optimize_for_inference(model)
+    optimize_for_inference(model, aot=compiled)
     name = str(model.dtype).removeprefix("torch.")
+    if compiled and model.compiled_unets is not None:
+        from histolab.compiled_unet import app_shapes, build_missing
+
+        t0 = time.perf_counter()
+        built = build_missing(model, app_shapes(model, s.batch_sizes, s.size), log=lambda line: print("  " + line))
+        print(
+            f"compiled U-Net packages in {model.compiled_unets.root}: {len(built)} built now "
+            f"({time.perf_counter() - t0:.1f} s), the rest found there"
+        )
+        return model, f"engine auto ({name}, compiled)"
     extras = [name] + (["traced"] if model.optimizations.get("trace") else [])
     return model, "engine auto (" + ", ".join(extras) + ")"
 
@@ -484,10 +529,16 @@ def main(argv=None) -> int:
         variants = [("diffusers", False, None)] + [
             ("engine" + ("+channels_last" if cl else ""), cl, model) for cl in layouts
         ]
-        auto_label = ""
+        auto_labels = []
         if s.auto and not gpu and dtype_name == "float32":
-            auto_model, auto_label = auto_engine(s)
-            variants.append((auto_label, False, auto_model))
+            auto_model, label = auto_engine(s)
+            variants.append((label, False, auto_model))
+            auto_labels.append(label)
+            if s.compiled and auto_model.optimizations.get("trace"):
+                compiled_model, label = auto_engine(s, compiled=True)
+                if compiled_model.compiled_unets is not None:
+                    variants.append((label, False, compiled_model))
+                    auto_labels.append(label)
         if s.compile:
             # Its own copies of the networks: compiling and layout changes stay out of the other variants.
             compiled = replace(
@@ -511,7 +562,7 @@ def main(argv=None) -> int:
             lines, medians[bs] = measure(s, model, pipe, variants, bs, floor, sync)
             for line in lines:
                 print(line, flush=True)
-        if auto_label in variants_labels(variants):
+        for auto_label in auto_labels:
             print(
                 f"engine auto path ({auto_label}) time / plain diffusers {dtype_name} time, medians: "
                 + ", ".join(f"batch {bs}: {medians[bs][auto_label] / medians[bs]['diffusers']:.2f}" for bs in medians)
