@@ -316,7 +316,7 @@ def measure(s: Settings, model, pipe, variants, bs: int, floor, sync) -> tuple[l
     for label, _, _ in variants:
         med = statistics.median(wall[label])
         line = (
-            f"{bs:>5}  {label:<30}{med:>9.3f}{bs / med:>10.2f}{base / med:>14.2f}{base_best / min(wall[label]):>12.2f}"
+            f"{bs:>5}  {label:<34}{med:>9.3f}{bs / med:>10.2f}{base / med:>14.2f}{base_best / min(wall[label]):>12.2f}"
         )
         if not on_gpu(s):
             line += f"{base_cpu / statistics.median(cpu[label]):>12.2f}"
@@ -553,7 +553,7 @@ def main(argv=None) -> int:
         )
         if floor is not None:
             print(f"compute floor: {floor * 1e3:.3g} ms/image ({floor_src}, peak {s.peak_tflops:g} TFLOP/s)")
-        header = f"{'batch':>5}  {'variant':<30}{'s/call':>9}{'images/s':>10}{'vs diffusers':>14}{'by fastest':>12}"
+        header = f"{'batch':>5}  {'variant':<34}{'s/call':>9}{'images/s':>10}{'vs diffusers':>14}{'by fastest':>12}"
         header += "" if cuda else f"{'by CPU time':>12}"
         print(header + f"{'max |diff|':>12}" + (f"{'of floor':>10}" if floor is not None else ""))
 

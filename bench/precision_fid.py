@@ -7,7 +7,9 @@ class prompt (as scripts/evaluate_embedded_base.py does: histolab.data.prompts,
 seeds ``class * 100000 + i``, 25 DPM++ 2M Karras steps, guidance 5) twice, with
 the same seeds: in float32 (eager, the engine's float32 path) and in bfloat16
 (``--dtype auto`` on a CPU with avx512_bf16/AMX: bfloat16 networks, traced
-U-Net, float32 sampler). Both sets are compared with the held-out test crops
+U-Net, float32 sampler) and once more in bfloat16 with the U-Net compiled ahead
+of time (histolab.compiled_unet, the auto path once its packages are built;
+built first where missing). Every set is compared with the held-out test crops
 (``bundled:test``) in the FID Inception space (bundled weights).
 
 Intervals: 95% bootstrap over the generated images (``--bootstrap`` resamples
@@ -80,7 +82,12 @@ def interval(point: float, xs: np.ndarray) -> str:
     return f"[{lo:.2f}, {hi:.2f}]"
 
 
-def generate_classes(model, per_class: int, guidance: float, steps: int, seed_offset: int = 0, batch: int = 25):
+BF16 = "bfloat16, traced U-Net"
+COMPILED = "bfloat16, compiled U-Net"
+BATCH = 25  # images per generate call
+
+
+def generate_classes(model, per_class: int, guidance: float, steps: int, seed_offset: int = 0, batch: int = BATCH):
     from histolab.data.prompts import CLASS_PROMPTS
     from histolab.generation import GenerationRequest, generate
 
@@ -118,6 +125,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, default=5.0, help="the embedded base's guidance (README)")
     ap.add_argument("--no-noise-set", dest="noise_set", action="store_false", help="skip the second float32 set")
+    ap.add_argument(
+        "--no-compiled", dest="compiled", action="store_false", help="skip the set made with the compiled U-Net"
+    )
     args = ap.parse_args(argv)
 
     cpu = detect_cpu_bf16()
@@ -130,8 +140,19 @@ def main(argv=None) -> int:
 
     runs = {}
     f32 = optimize_for_inference(load_base("embedded", dtype=torch.float32))
-    bf16 = optimize_for_inference(load_base("embedded", dtype=torch.bfloat16))
-    plan = [("float32", f32, 0), ("bfloat16 (auto path)", bf16, 0)]
+    bf16 = optimize_for_inference(load_base("embedded", dtype=torch.bfloat16), aot=False)
+    plan = [("float32", f32, 0), (BF16, bf16, 0)]
+    if args.compiled:
+        compiled = optimize_for_inference(load_base("embedded", dtype=torch.bfloat16), aot=True)
+        if compiled.compiled_unets is not None:
+            from histolab.compiled_unet import app_shapes, build_missing
+
+            t = time.perf_counter()
+            built = build_missing(compiled, app_shapes(compiled, (min(BATCH, args.per_class),)), log=lambda s: None)
+            print(
+                f"compiled U-Net for batches of {BATCH}: {len(built)} package(s) built ({time.perf_counter() - t:.0f} s)"
+            )
+            plan.append((COMPILED, compiled, 0))
     if args.noise_set:
         plan.append(("float32, other seeds", f32, 50_000))
     for name, model, offset in plan:
@@ -142,12 +163,14 @@ def main(argv=None) -> int:
         print(f"  {name}: {len(images)} images, {what} ({time.perf_counter() - t:.0f} s)", flush=True)
 
     a = np.stack([np.asarray(im, np.int16) for im in runs["float32"][0]])
-    b = np.stack([np.asarray(im, np.int16) for im in runs["bfloat16 (auto path)"][0]])
-    diff = np.abs(a - b)
-    print(
-        f"pixels, bfloat16 vs float32 (same seeds): mean |diff| {diff.mean():.2f} levels, "
-        f"99th percentile {np.percentile(diff, 99):.0f}, max {diff.max()}"
-    )
+    for name in (BF16, COMPILED):
+        if name in runs:
+            b = np.stack([np.asarray(im, np.int16) for im in runs[name][0]])
+            diff = np.abs(a - b)
+            print(
+                f"pixels, {name} vs float32 (same seeds): mean |diff| {diff.mean():.2f} levels, "
+                f"99th percentile {np.percentile(diff, 99):.0f}, max {diff.max()}"
+            )
 
     fb = FidBootstrap(real)
     proj = {name: fb.project(feats) for name, (_, feats) in runs.items()}
@@ -172,11 +195,13 @@ def main(argv=None) -> int:
         point[name] = frechet_distance(mu_r, cov_r, f.mean(0), np.cov(f, rowvar=False))
         bias = boots[name].mean() - point[name]
         print(
-            f"  {name:<24} FID {point[name]:8.2f}  95% CI {interval(point[name], boots[name])}  (bootstrap bias {bias:+.2f})"
+            f"  {name:<34} FID {point[name]:8.2f}  95% CI {interval(point[name], boots[name])}  (bootstrap bias {bias:+.2f})"
         )
-    d = boots["bfloat16 (auto path)"] - boots["float32"]
-    dp = point["bfloat16 (auto path)"] - point["float32"]
-    print(f"  paired difference bfloat16 - float32: {dp:+.2f}  95% CI {interval(dp, d)}")
+    for name in (BF16, COMPILED):
+        if name in runs:
+            d = boots[name] - boots["float32"]
+            dp = point[name] - point["float32"]
+            print(f"  paired difference {name} - float32: {dp:+.2f}  95% CI {interval(dp, d)}")
     if args.noise_set:
         dn = boots["float32, other seeds"] - boots["float32"]
         dnp = point["float32, other seeds"] - point["float32"]

@@ -74,11 +74,22 @@ def weights_digest(unet) -> str:
     return h.hexdigest()
 
 
-def vector_isa() -> str:
-    """The vector ISA Inductor compiles for on this CPU (a package must not run on a CPU without it)."""
-    from torch._inductor import cpu_vec_isa
+def vector_isa(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's vector extensions (a package must not run on a CPU without those it was compiled for).
+    Read from /proc/cpuinfo rather than asked of Inductor, whose check compiles a test program (1.5 s
+    of a start-up here); stricter than needed, never looser."""
+    import platform
 
-    return str(cpu_vec_isa.pick_vec_isa())
+    flags: set[str] = set()
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith(("flags", "Features")):
+                flags.update(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    vector = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse4", "f16c", "asimd", "sve")))
+    return platform.machine() + ":" + ",".join(vector)
 
 
 def package_key(digest: str, config: dict, dtype, shape: Shape, isa: str | None = None) -> str:
@@ -193,7 +204,6 @@ class CompiledUNets:
     def runner(self, model, x_shape: tuple, e_shape: tuple):
         """The compiled U-Net for inputs of ``x_shape`` (rows, channels, height, width) and text
         embeddings of ``e_shape`` (tokens, width), or None while its package is not built."""
-        import torch
 
         if len(x_shape) != 4 or len(e_shape) != 2 or x_shape[0] < 2:
             return None
@@ -201,11 +211,25 @@ class CompiledUNets:
         with self._lock:
             run = self._runners.get(path.name)
             if run is None and path.is_file():
-                run = self._runners[path.name] = torch._inductor.aoti_load_package(str(path))
+                run = self._runners[path.name] = load(path)
         return run
 
     def missing(self, model, shapes: list[Shape]) -> list[Shape]:
         return [s for s in shapes if not self.path(model, s).is_file()]
+
+
+def load(path: Path):
+    """The package's model as ``run(x, t, e) -> eps``. Through the C++ loader itself, not
+    ``torch._inductor.aoti_load_package``: that imports Inductor's Python (1.1 s of a start-up here)
+    only to flatten the three inputs, which this does by hand (the export's signature is fixed)."""
+    import torch
+
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+
+    def run(x, t, e):
+        return loader.boxed_run([x, t, e])[0]
+
+    return run
 
 
 def app_shapes(model, batches=(4, 1), size: int | None = None) -> list[Shape]:
