@@ -1,14 +1,16 @@
 """Latency of the live app while a training job runs, against the idle app, in the same run.
 
 A real app (histolab.ui.build_app, launched as ``python app.py`` launches it) is driven through
-gradio_client, one request at a time, in three phases:
+gradio_client, one request at a time, in four phases:
 
 1. idle: nothing else of ours runs;
 2. training, every core each: a real training job (histolab.training.jobs, its own process, the
    tiny-lora preset on the same base) trains throughout the phase, it and the app each on torch's
    default threads (one per core), as before histolab.threads;
 3. training, cores split: the same with the app's policy (histolab.threads): the job started on its
-   share of the cores, the app on the rest while the job runs.
+   share of the cores, the app on the rest while the job runs;
+4. U-Net compiling: ``python -m histolab compile-unet`` compiles the base's U-Net from scratch in a
+   process of its own, as the app starts it after its preload (nice 19, one thread).
 
 Measured per request, client side (queue, handler, commit, response): a rater's answer submit on the
 rater page (``/rater_submit``: validated, committed with synchronous=FULL, next task built with its
@@ -37,6 +39,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ratings", type=int, default=100, help="rating submits per phase (default 100)")
     p.add_argument("--generations", type=int, default=20, help="generate requests per phase (default 20)")
+    p.add_argument(
+        "--no-compile-phase",
+        dest="compile_phase",
+        action="store_false",
+        help="skip the phase measured while the U-Net compiles in the background (histolab.compiled_unet)",
+    )
     p.add_argument("--steps", type=int, default=20, help="sampler steps per generated image (default 20)")
     p.add_argument("--arch", default="embedded", help="architecture when the embedded weights are absent")
     p.add_argument("--threads", type=int, default=0, help="torch threads in the app (0: torch's default)")
@@ -139,6 +147,32 @@ def training_phase(job, rater, view, gen_args, args, client) -> dict:
     }
 
 
+def compile_phase(base_dir, cache, rater, view, gen_args, args, client) -> dict:
+    """Measure while ``python -m histolab compile-unet`` compiles the base's U-Net from scratch, started as
+    the app starts it after a preload (histolab.ui.services.start_unet_compile: nice 19, one thread)."""
+    import os
+    import subprocess
+
+    from histolab.ui.services import CompileJob
+
+    argv = [sys.executable, "-m", "histolab", "compile-unet", "--base", str(base_dir), "--dtype", "bfloat16"]
+    argv = ["nice", "-n", "19", *argv, "--batches", "4,1", "--cache-dir", str(cache)]
+    job = CompileJob(argv, cache / "build.log", {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    # The phase starts once the compiler runs (the export before it is the process loading and tracing).
+    t0 = time.monotonic()
+    while "cc1plus" not in subprocess.run(["ps", "-eo", "comm"], capture_output=True, text=True).stdout:
+        if job.state != "compiling" or time.monotonic() - t0 > 600:
+            raise SystemExit(f"the compile did not start: {job.state}\n{(cache / 'build.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    t1 = time.monotonic()
+    latency, view = measure(rater, view, gen_args, args.ratings, args.generations, client)
+    seconds = time.monotonic() - t1
+    overlapped = job.state == "compiling"
+    job.proc.terminate()
+    job.thread.join()
+    return {"latency": latency, "view": view, "seconds": seconds, "compiling_throughout": overlapped}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -198,6 +232,9 @@ def main(argv=None) -> int:
             job.cancel()
             job.wait(timeout=300)
             job = None
+        if args.compile_phase:
+            phases["U-Net compiling"] = compile_phase(base_dir, root / "compiled", rater, view, gen_args, args, client)
+            view = phases["U-Net compiling"]["view"]
     finally:
         if job is not None:
             job.cancel()
@@ -213,7 +250,16 @@ def main(argv=None) -> int:
     print(
         f"    'cores split': the app's way now, the job on {job_share} thread(s), the app on {app_share} while it runs"
     )
+    if "U-Net compiling" in phases:
+        ph = phases["U-Net compiling"]
+        print(
+            "  'U-Net compiling': python -m histolab compile-unet (nice 19, one thread) compiles the base's U-Net "
+            f"from scratch throughout ({ph['seconds']:.1f} s): "
+            + ("it was still compiling at the end" if ph["compiling_throughout"] else "it ENDED before the phase did")
+        )
     for key, ph in phases.items():
+        if "steps" not in ph:
+            continue
         rate = f" ({ph['rate']:.1f} img/s at the end)" if ph["rate"] else ""
         print(
             f"  job, {key}: {ph['steps']} steps in {ph['seconds']:.1f} s = {ph['steps'] / ph['seconds']:.2f} steps/s{rate}"

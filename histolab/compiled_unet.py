@@ -214,6 +214,12 @@ class CompiledUNets:
                 run = self._runners[path.name] = load(path)
         return run
 
+    @property
+    def loaded(self) -> int:
+        """Packages loaded so far (each one a shape generation has run the compiled U-Net at)."""
+        with self._lock:
+            return sum(run is not None for run in self._runners.values())
+
     def missing(self, model, shapes: list[Shape]) -> list[Shape]:
         return [s for s in shapes if not self.path(model, s).is_file()]
 

@@ -53,6 +53,14 @@ def test_generation_uses_the_packages_and_records_it(built):
     assert diff.max() > 0 and diff.mean() < 2.0
 
 
+def test_the_status_line_names_the_compiled_unet(built):
+    from histolab.ui.services import describe_model
+
+    model, _, _, _ = built
+    generate(model, req(batch_size=1))
+    assert model.compiled_unets.loaded >= 1 and "traced U-Net, compiled U-Net (" in describe_model(model)
+
+
 def test_compiled_images_do_not_depend_on_the_batch(built):
     model, _, _, _ = built
     alone = generate(model, req(batch_size=1, seed=22))
@@ -154,3 +162,13 @@ def test_a_failed_compile_says_where_its_log_is(tmp_path):
     job.thread.join()
     assert job.state.startswith("failed (exit status 3") and str(tmp_path / "b.log") in job.state
     assert "no compiler" in (tmp_path / "b.log").read_text()
+
+
+def test_vector_isa_is_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse4_2 avx2 fma avx512f avx512_bf16 ht\n\nprocessor\t: 1\n")
+    isa = cu.vector_isa(info)
+    assert isa.endswith(":avx2,avx512_bf16,avx512f,fma,sse4_2")  # vector extensions only, sorted
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse4_2 avx2 fma\n")
+    assert cu.vector_isa(info) != isa  # a CPU without avx512 gets other packages
+    assert cu.vector_isa(tmp_path / "missing").endswith(":")

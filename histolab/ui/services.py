@@ -71,6 +71,9 @@ def describe_model(model) -> str:
         text += f" ({flag})" if flag else ""
     if getattr(model, "optimizations", {}).get("trace"):
         text += ", traced U-Net"
+    units = getattr(model, "compiled_unets", None)
+    if units is not None and units.loaded:
+        text += f", compiled U-Net ({units.loaded} shape{'s' if units.loaded > 1 else ''})"
     return text
 
 
