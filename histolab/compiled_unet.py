@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from histolab.config import cache_root
+from histolab.traced import sample_module
 
 KIND = "inductor-aot"  # Recipe.kernels of images made with a compiled U-Net; "" = ATen's kernels
 FORMAT = 1
@@ -107,21 +108,6 @@ def package_key(digest: str, config: dict, dtype, shape: Shape, isa: str | None 
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _module(unet):
-    """``unet(x, t, e).sample`` with the time embedding computed on one row and broadcast."""
-    import torch
-
-    class OneRowTime(torch.nn.Module):
-        def __init__(self, unet):
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, x, t, e):
-            return self.unet(x, t, encoder_hidden_states=e, return_dict=False)[0]
-
-    return OneRowTime(unet).eval()
-
-
 class _one_row_time:
     """Forward hooks on the time-embedding linears (the ``broadcast`` case of
     histolab.generation.batch_invariant_time_embedding, without its data-dependent check, which
@@ -171,7 +157,7 @@ def build(unet, shape: Shape, dtype, path: Path) -> Path:
     inductor_config.freezing = True  # weights are constants: folded and prepacked for oneDNN
     try:
         with torch.no_grad(), _one_row_time(unet):
-            exported = torch.export.export(_module(unet), (x, t, e))
+            exported = torch.export.export(sample_module(unet).eval(), (x, t, e))
             torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp))
         os.replace(tmp, path)
     finally:

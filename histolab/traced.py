@@ -75,7 +75,7 @@ class TracedUNet:
         with warnings.catch_warnings():
             # TracerWarnings about Python branches on shapes: the graph is keyed by shape.
             warnings.simplefilter("ignore")
-            traced = torch.jit.trace(_Sample(unet).eval(), (x, t, e), check_trace=False)
+            traced = torch.jit.trace(sample_module(unet).eval(), (x, t, e), check_trace=False)
             return torch.jit.freeze(traced)
 
     def clear(self) -> None:
@@ -96,6 +96,7 @@ def _sample_module():
     return Sample
 
 
-def _Sample(unet):
-    # The module class is made on first use: importing this module does not import torch.
+def sample_module(unet):
+    """``unet`` as a module ``(x, t, e) -> noise prediction`` (what is traced here and exported by
+    histolab.compiled_unet). The class is made on first use: importing this module does not import torch."""
     return _sample_module()(unet)

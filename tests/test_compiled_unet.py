@@ -151,6 +151,8 @@ def test_the_app_starts_a_compile_only_when_packages_are_missing(built, monkeypa
     assert argv[argv.index("-m") + 1 :][:2] == ["histolab", "compile-unet"] and argv[argv.index("--batches") + 1] == "3"
     assert argv[argv.index("--cache-dir") + 1] == str(root) and log == root / "build.log"
     assert env["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setattr(services_module, "AUTO_COMPILE_MAX_PARAMS", 1000)  # an SD 1.5-sized U-Net: not by itself
+    assert services_module.start_unet_compile(model, str(folder), (3,)) is None and len(started) == 1
     f32 = optimize_for_inference(load_base(str(folder)))  # float32: no traced U-Net, nothing to compile
     assert f32.compiled_unets is None and services_module.start_unet_compile(f32, str(folder), (1,)) is None
 

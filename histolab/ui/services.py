@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -99,14 +100,26 @@ class CompileJob:
         self.state = "done" if rc == 0 else f"failed (exit status {rc}; see {self.log})"
 
 
+# The background compile is for small U-Nets such as the embedded default (13 M parameters, a minute per
+# shape); an SD 1.5 U-Net (860 M) would take far longer and several GB of memory beside a serving app.
+AUTO_COMPILE_MAX_PARAMS = 100_000_000
+
+
 def start_unet_compile(model, source: str, batches: tuple[int, ...]) -> CompileJob | None:
     """Start compiling ``model``'s U-Net for ``batches`` images at its default size, unless every
     package is there already or the model is not on the CPU fast path. None when nothing was started."""
     import shutil
-    import sys
 
     units = getattr(model, "compiled_unets", None)
     if units is None:
+        return None
+    params = sum(p.numel() for p in model.unet.parameters())
+    if params > AUTO_COMPILE_MAX_PARAMS:
+        print(
+            f"histolab: not compiling the U-Net in the background ({params / 1e6:.0f} M parameters: many minutes and "
+            "GBs of memory); run `python -m histolab compile-unet --base ...` to do it",
+            file=sys.stderr,
+        )
         return None
     from histolab.compiled_unet import app_shapes
     from histolab.precision import dtype_name
