@@ -174,3 +174,13 @@ def test_vector_isa_is_read_from_cpuinfo(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu sse4_2 avx2 fma\n")
     assert cu.vector_isa(info) != isa  # a CPU without avx512 gets other packages
     assert cu.vector_isa(tmp_path / "missing").endswith(":")
+
+
+def test_compile_command_says_what_is_wrong(built, capsys):
+    from histolab.cli import main
+
+    _, _, root, folder = built
+    assert main(["compile-unet", "--base", str(folder), "--batches", "4,x", "--cache-dir", str(root)]) == 2
+    assert "--batches must be whole numbers" in capsys.readouterr().err
+    assert main(["compile-unet", "--base", str(folder), "--dtype", "float32", "--cache-dir", str(root)]) == 2
+    assert "bfloat16 CPU path only" in capsys.readouterr().err
