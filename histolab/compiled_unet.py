@@ -27,18 +27,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from histolab.config import cache_root
-from histolab.traced import sample_module
+from histolab.traced import TIME_LINEAR, sample_module
 
 KIND = "inductor-aot"  # Recipe.kernels of images made with a compiled U-Net; "" = ATen's kernels
 FORMAT = 1
-_TIME_LINEAR = re.compile(r"(^|\.)(time_embedding|add_embedding|class_embedding)\.|time_emb_proj")
 
 
 def cache_dir(env: dict[str, str] | None = None) -> Path:
@@ -133,7 +131,7 @@ class _one_row_time:
             return None if n is None else out.expand(n, *out.shape[1:])
 
         for name, mod in self.unet.named_modules():
-            if isinstance(mod, torch.nn.Linear) and _TIME_LINEAR.search(name):
+            if isinstance(mod, torch.nn.Linear) and TIME_LINEAR.search(name):
                 self.handles += [mod.register_forward_pre_hook(before), mod.register_forward_hook(after)]
         return self
 
@@ -167,8 +165,8 @@ def build(unet, shape: Shape, dtype, path: Path) -> Path:
 
 
 class CompiledUNets:
-    """The packages of one model (its weights as loaded): ``runner(x, e)`` gives the compiled U-Net for
-    those inputs when its package exists, else None. Looked up per generation (one ``stat`` for a
+    """The packages of one model (its weights as loaded): ``runner(model, x_shape, e_shape)`` gives the
+    compiled U-Net for inputs of those shapes when its package exists, else None. Looked up per generation (one ``stat`` for a
     shape not loaded yet), so a package the background builder finishes is used from the next image on."""
 
     def __init__(self, root: Path | None = None):
@@ -190,7 +188,6 @@ class CompiledUNets:
     def runner(self, model, x_shape: tuple, e_shape: tuple):
         """The compiled U-Net for inputs of ``x_shape`` (rows, channels, height, width) and text
         embeddings of ``e_shape`` (tokens, width), or None while its package is not built."""
-
         if len(x_shape) != 4 or len(e_shape) != 2 or x_shape[0] < 2:
             return None
         path = self.path(model, Shape(*(int(v) for v in x_shape), *(int(v) for v in e_shape)))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -27,6 +26,7 @@ from histolab.errors import Cancelled, InvalidRequest, is_cancelled
 from histolab.precision import dtype_name
 from histolab.recipe import AdapterUse, Recipe
 from histolab.schedulers import build_scheduler, check_name
+from histolab.traced import TIME_LINEAR
 
 ProgressCallback = Callable[[int, int], None]  # (step done, total steps)
 # (step done, total steps, the latents after it): for live previews (histolab.preview); called in the
@@ -36,6 +36,7 @@ LatentsCallback = Callable[[int, int, Any], None]
 MAX_BATCH = 64  # per call; larger runs go through generate_to_dir
 MAX_STEPS = 1000
 MAX_SIDE = 2048
+KERNELS = ("auto", "aten")  # GenerationRequest.kernels
 
 # Batch-size independence down to the last bit, on CPU. Its kernels are chosen
 # by shape: a GEMM over 2 rows rounds differently from one over 8, and a
@@ -46,9 +47,7 @@ MAX_SIDE = 2048
 # that differ are zero-padded to FIXED_ROWS instead; and (b) the U-Net never runs
 # on a batch of one: a lone unguided image is run twice. The decoder always runs
 # on one image and the text encoder on one prompt, so they need neither.
-KERNELS = ("auto", "aten")
 FIXED_ROWS = 2 * MAX_BATCH  # guidance doubles the batch
-_TIME_LINEAR = re.compile(r"(^|\.)(time_embedding|add_embedding|class_embedding)\.|time_emb_proj")
 
 
 @dataclass(frozen=True)
@@ -303,7 +302,7 @@ def batch_invariant_time_embedding(unet):
 
     try:
         for name, mod in unet.named_modules():
-            if isinstance(mod, torch.nn.Linear) and _TIME_LINEAR.search(name):
+            if isinstance(mod, torch.nn.Linear) and TIME_LINEAR.search(name):
                 handles += [mod.register_forward_pre_hook(before), mod.register_forward_hook(after)]
         yield
     finally:
@@ -332,6 +331,11 @@ def request_from_recipe(recipe: Recipe, reference=None) -> GenerationRequest:
         batch_size=1,
         seed=recipe.seed,
         adapters=adapters,
-        # ATen's kernels for a recipe made with them; the compiled U-Net, where built, for one made with it
-        kernels="auto" if recipe.kernels else "aten",
+        kernels=recipe_kernels(recipe),
     )
+
+
+def recipe_kernels(recipe: Recipe) -> str:
+    """The request's ``kernels`` that re-runs ``recipe``: ATen's for a recipe made with them; the compiled
+    U-Net, where built, for one made with it."""
+    return "auto" if recipe.kernels else "aten"

@@ -17,9 +17,13 @@ graph would not see); with adapters the eager module runs.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections import OrderedDict
 
+# The U-Net's timestep-embedding linears (and each ResNet's projection of the embedding): their rows are
+# alike within a step, which histolab.generation and histolab.compiled_unet compute once and broadcast.
+TIME_LINEAR = re.compile(r"(^|\.)(time_embedding|add_embedding|class_embedding)\.|time_emb_proj")
 MAX_GRAPHS = 4  # batch sizes a demo sees: 1 and 4 images, guided (x2); each graph shares the weights
 
 

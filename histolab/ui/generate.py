@@ -406,7 +406,9 @@ def rerun_recipe(services, session: dict, path, reference_path, progress=None) -
             f"this recipe was made from a reference patch (hash {recipe.reference_hash[:10]}); upload that patch too"
         )
     source, request = make_request(services, form)
-    request = replace(request, width=recipe.width, height=recipe.height, kernels="auto" if recipe.kernels else "aten")
+    from histolab.generation import recipe_kernels
+
+    request = replace(request, width=recipe.width, height=recipe.height, kernels=recipe_kernels(recipe))
     dtype = recipe_dtype(recipe, notes)
     images = run(services, source, request, step_progress(progress), dtype=dtype)
     g = images[0]
