@@ -21,11 +21,16 @@ def main() -> None:
     if zero_gpu() and not services.base_problem():
         services.model(settings.base)  # ZeroGPU moves a model loaded at start-up onto the GPU of each call
     elif settings.preload:
-        services.start_preload()  # in the background while the page is built; the status line shows its state
-    from histolab.ui import build_app, launch_options  # imports gradio: after the preload has started
+        # A second process makes the first images from the start-up bundle, if compile-unet wrote one
+        # (histolab.startup_worker); the preload here then waits for its turn (Services.wait_for_startup_turn).
+        services.start_startup_worker()
+        services.start_preload()  # in the background; the status line shows its state
+    from histolab.ui import build_app, launch_options  # imports gradio: after the worker and preload started
 
     app = build_app(services)
-    app.launch(**launch_options(settings, services=services))
+    app.launch(prevent_thread_lock=True, **launch_options(settings, services=services))
+    services.page_up.set()
+    app.block_thread()
 
 
 if __name__ == "__main__":

@@ -172,8 +172,10 @@ def _generate_locked(
             )
         cond, uncond, reference_hash, encoder = conditioner(model, req, n)
 
-    # 3. Timesteps, from a fresh scheduler (schedulers keep per-run state).
-    scheduler = build_scheduler(req.scheduler, model.scheduler_config)
+    # 3. Timesteps, from a fresh scheduler (schedulers keep per-run state). A model may bring its own
+    # builder (the start-up worker's, histolab.startup_worker, which computes diffusers' samplers itself).
+    make_scheduler = getattr(model, "make_scheduler", None) or build_scheduler
+    scheduler = make_scheduler(req.scheduler, model.scheduler_config)
     scheduler.set_timesteps(req.steps, device=device)
     timesteps = scheduler.timesteps
     # Deterministic samplers (PNDM) take no generator; ancestral ones draw noise from it.

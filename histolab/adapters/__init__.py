@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 from histolab.adapters.spec import AdapterSpec, parse_spec
 
 if TYPE_CHECKING:
-    from histolab.adapters.registry import Entry, scan
+    from histolab.adapters.entry import Entry
+    from histolab.adapters.registry import scan
     from histolab.adapters.runtime import AdapterRuntime, RuntimeConfig, applied, default_runtime
 
 _LAZY = {
@@ -22,7 +23,7 @@ _LAZY = {
     "AdapterRuntime": "histolab.adapters.runtime",
     "RuntimeConfig": "histolab.adapters.runtime",
     "scan": "histolab.adapters.registry",
-    "Entry": "histolab.adapters.registry",
+    "Entry": "histolab.adapters.entry",
     "Manifest": "histolab.adapters.manifest",
     "read_manifest": "histolab.adapters.manifest",
     "write_manifest": "histolab.adapters.manifest",

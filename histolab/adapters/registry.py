@@ -10,33 +10,13 @@ built from its config files, without reading its weights (``shape_model``).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from histolab.adapters.entry import Entry
 from histolab.adapters.loader import candidates
 from histolab.adapters.manifest import MANIFEST_NAME, architecture_differences
 from histolab.adapters.runtime import default_runtime
 from histolab.errors import HistolabError
-
-
-@dataclass
-class Entry:
-    name: str
-    path: str
-    kind: str  # an adapter kind, "base model", or "?" when it cannot be read
-    format: str
-    base: str  # the base it was made for, as far as the files say
-    fits: bool | None  # None: not checked
-    why: str  # why it does not fit (or a note when it does)
-    trigger: str = ""
-    encoder: str = ""
-    # What loading it into the base does (histolab.adapters.report.LoadReport.summary): detected format,
-    # modules patched in the U-Net and text encoder, keys ignored (each listed). Empty when not checked.
-    report: str = ""
-    ignored: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def scan(root: Path | None = None, base=None, runtime=None) -> list[Entry]:

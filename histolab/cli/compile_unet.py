@@ -7,7 +7,8 @@ from pathlib import Path
 NAME = "compile-unet"
 HELP = (
     "Compile a base model's U-Net ahead of time (AOTInductor) for the CPU fast path: about a minute per batch "
-    "shape, once per machine; generation uses the packages from then on (the app starts this after its preload)."
+    "shape, once per machine; generation uses the packages from then on (the app starts this after its preload). Also writes the "
+    "start-up bundle the app's first images come from (histolab.startup_bundle)."
 )
 
 
@@ -20,6 +21,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from histolab import startup_bundle
     from histolab.compiled_unet import app_shapes, build_missing
     from histolab.errors import InvalidRequest
     from histolab.pipeline import load_base, optimize_for_inference, resolve_dtype
@@ -37,4 +39,7 @@ def run(args) -> int:
         )
     built = build_missing(model, app_shapes(model, batches, args.size), args.cache_dir)
     print(f"{len(built)} package(s) built" if built else "every package was built already")
+    # What the app's start-up worker needs besides the packages (histolab.startup_bundle).
+    bundle = startup_bundle.write(model, args.base, [args.size or model.default_size], args.cache_dir)
+    print(f"start-up bundle: {bundle}" if bundle else "no start-up bundle: the base is not a diffusers folder")
     return 0

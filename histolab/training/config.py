@@ -276,14 +276,14 @@ class HypernetworkTrainConfig(TrainConfig):
 
     def check(self) -> HypernetworkTrainConfig:
         super().check()
-        from histolab.adapters.hypernetwork import ACTIVATIONS
-
         ls = self.layer_structure
         if not (isinstance(ls, list) and len(ls) >= 2 and all(isinstance(x, int | float) and x > 0 for x in ls)):
             raise InvalidRequest(f"`layer_structure` must be a list of positive numbers but is {ls!r}")
         if ls[0] != 1 or ls[-1] != 1:
             raise InvalidRequest(f"`layer_structure` must start and end with 1 but is {ls!r}")
-        if self.activation_func not in ("linear", *ACTIVATIONS):
+        # The list of activations comes from torch; "linear" (the default and every preset's) needs no
+        # import, which keeps the app's page build free of torch (histolab.ui.train lists the presets).
+        if self.activation_func != "linear" and self.activation_func not in _activations():
             raise InvalidRequest(
                 f"`activation_func` {self.activation_func!r} is not one SD-webui knows (e.g. linear, relu, swish)"
             )
@@ -485,3 +485,9 @@ def _choice(cfg, name: str, options) -> None:
     v = getattr(cfg, name)
     if v not in options:
         raise InvalidRequest(f"`{name}` must be one of {', '.join(map(str, options))} but is {v!r}")
+
+
+def _activations() -> dict:
+    from histolab.adapters.hypernetwork import ACTIVATIONS
+
+    return ACTIVATIONS

@@ -49,7 +49,7 @@ def build_app(services: Services | AppSettings | None = None):
             with gr.Column(scale=0, min_width=320):
                 admin_status = gr.Markdown("", elem_id="admin-status")
                 # The default model's background load (Services.start_preload): polled until it is done.
-                model_status = gr.Markdown(services.preload.status_line(), elem_id="model-status")
+                model_status = gr.Markdown(services.model_status_line(), elem_id="model-status")
                 model_timer = gr.Timer(1.0, active=services.preload.thread is not None)
                 with gr.Accordion("Admin sign-in", open=False, visible=not settings.admin_without_sign_in) as admin_box:
                     admin_user = gr.Textbox(label="Admin", value="", elem_id="admin-user")
@@ -120,7 +120,7 @@ def build_app(services: Services | AppSettings | None = None):
 
         def on_model_tick():
             pre = services.preload
-            return pre.status_line(), gr.Timer(active=pre.thread is not None and not pre.done.is_set())
+            return services.model_status_line(), gr.Timer(active=pre.thread is not None and not pre.done.is_set())
 
         model_timer.tick(on_model_tick, None, [model_status, model_timer], api_visibility="private", **light)
         app.load(on_model_tick, None, [model_status, model_timer], api_visibility="private")

@@ -156,6 +156,11 @@ def run(
         from histolab.errors import ModelNotFound
 
         raise ModelNotFound(problem)
+    if dtype is None and on_latents is None and services.startup_serves(source):
+        # Its model is still loading: the start-up worker makes the images, the same bits, when it can.
+        images = services.startup.generate(request, progress=progress, cancel=cancel)
+        if images is not None:
+            return images
     model = services.model(source, dtype)
     # On the app's network thread (histolab.torch_worker), which also sets torch's thread count for now:
     # half the cores while a training job runs (histolab.threads).
@@ -185,7 +190,7 @@ def produce(
 
     request = prep.request
     on_latents = None
-    if on_preview is not None:
+    if on_preview is not None and not services.startup_serves(prep.source):  # no previews from the worker
         from histolab.preview import preview_images
 
         model = services.model(prep.source)
@@ -713,11 +718,12 @@ def build(services, session_state):
         prep = prepare(services, form_of(list(form_values)))
         for w in prep.warnings:
             gr.Warning(w)
-        for out in generate_stream(services, session, prep, cls, progress, bool(preview)):
-            if "preview" in out:
-                yield out["preview"], gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            else:
-                yield out["gallery"], out["real"], out["recipes"], out["zip"], out["status"]
+        with services.visitor_request():  # until Gradio has taken the last result (the preload waits for it)
+            for out in generate_stream(services, session, prep, cls, progress, bool(preview)):
+                if "preview" in out:
+                    yield out["preview"], gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                else:
+                    yield out["gallery"], out["real"], out["recipes"], out["zip"], out["status"]
 
     # The preview checkbox comes last, so API callers that send the form as before get its default.
     go.click(

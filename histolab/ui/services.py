@@ -10,6 +10,7 @@ reaches another user's images.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -121,10 +122,14 @@ def start_unet_compile(model, source: str, batches: tuple[int, ...]) -> CompileJ
             file=sys.stderr,
         )
         return None
+    from histolab import startup_bundle
     from histolab.compiled_unet import app_shapes
     from histolab.precision import dtype_name
 
-    if not units.missing(model, app_shapes(model, batches)):
+    bundled = startup_bundle.model_folder(model) is None or startup_bundle.is_current(
+        model, source, [model.default_size], units.root
+    )
+    if not units.missing(model, app_shapes(model, batches)) and bundled:
         return None
     argv = [sys.executable, "-m", "histolab", "compile-unet", "--base", source, "--dtype", dtype_name(model.dtype)]
     argv += ["--batches", ",".join(str(b) for b in batches), "--cache-dir", str(units.root)]
@@ -133,6 +138,14 @@ def start_unet_compile(model, source: str, batches: tuple[int, ...]) -> CompileJ
     # One thread: the export runs the U-Net once; the compiler is single-threaded anyway.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     return CompileJob(argv, units.root / "build.log", env)
+
+
+# With a start-up worker, the preload starts once the worker has made a visitor's first images, or after this
+# many seconds of the page being up without a request (histolab.startup_client.StartupWorker.wait_turn).
+STARTUP_GRACE_S = 20.0
+# ... and once no visitor's generation has ended for this long: Gradio still encodes and sends a result after
+# the handler returns (measured: about a second at start-up), and the preload's imports would hold the GIL.
+VISITOR_QUIET_S = 2.0
 
 
 class ModelCache:
@@ -242,6 +255,14 @@ class Services:
         self._thread_share = None  # histolab.threads.ThreadShare, made on first use (it imports torch)
         self.preload = Preload()
         self.compile_job: CompileJob | None = None  # the background U-Net compile, when one was started
+        # The start-up worker (histolab.startup_client): makes the first images until the preload is done.
+        self.startup = None
+        # Set once the page is served: with a start-up worker, the preload waits for it, so that its imports
+        # (diffusers, transformers: seconds of one core) do not hold up gradio's in this process.
+        self.page_up = threading.Event()
+        self._visitors = 0  # generations in flight (visitor_request), under _visitor_turn
+        self._visitor_left = float("-inf")  # when the last one ended (time.monotonic)
+        self._visitor_turn = threading.Condition()
 
     # ------------------------------------------------------------ folders
     @property
@@ -314,6 +335,73 @@ class Services:
             return model
         return self.models.get(source, dtype)
 
+    def start_startup_worker(self, log=None):
+        """Start the start-up worker for the configured base when the preload is on and a bundle was
+        written for it (``compile-unet``); None otherwise. Call before importing gradio: both import at once."""
+        from histolab.startup_client import StartupWorker, bundle_exists
+
+        s = self.settings
+        if not (s.preload and s.startup_worker and self._default_loader) or self.base_problem():
+            return None
+        if not bundle_exists(s.base):
+            return None
+        self.startup = StartupWorker(s.base, s.device, s.dtype, log=log)
+        return self.startup
+
+    def startup_serves(self, source: str) -> bool:
+        """Whether a request for ``source`` goes to the start-up worker first (its model is not loaded yet)."""
+        w = self.startup
+        return (
+            w is not None
+            and source == self.settings.base
+            and w.state in ("starting", "ready")
+            and (self.models.loaded(source) is None)
+        )
+
+    @contextlib.contextmanager
+    def visitor_request(self):
+        """Marks a visitor's generation from the click until the handler has handed its result to Gradio."""
+        import time
+
+        with self._visitor_turn:
+            self._visitors += 1
+        try:
+            yield
+        finally:
+            with self._visitor_turn:
+                self._visitors -= 1
+                self._visitor_left = time.monotonic()
+                self._visitor_turn.notify_all()
+
+    def wait_for_startup_turn(self, grace_s: float) -> None:
+        """With a start-up worker: block until the page is up, the worker has made a visitor's images (or
+        ``grace_s`` passed without a visitor, or it is not serving), and no visitor's generation is in
+        flight. The preload then starts: its imports hold the GIL that the delivery of a result needs, and
+        its loading competes for the cores with the worker (histolab.threads: OpenMP teams of two processes
+        on the same cores slow each other several times over)."""
+        import time
+
+        self.page_up.wait()
+        self.startup.wait_turn(grace_s)
+        while True:  # no visitor's generation in flight, and none for VISITOR_QUIET_S
+            with self._visitor_turn:
+                self._visitor_turn.wait_for(lambda: self._visitors == 0)
+                quiet = time.monotonic() - self._visitor_left
+            if quiet >= VISITOR_QUIET_S:
+                return
+            time.sleep(VISITOR_QUIET_S - quiet)
+
+    def model_status_line(self) -> str:
+        line = self.preload.status_line()
+        w = self.startup
+        if w is not None and w.state == "ready" and self.preload.state != "ready":
+            line += f" First images come from the start-up worker (ready in {w.seconds:.1f} s)."
+        return line
+
+    def _close_startup(self) -> None:
+        if self.startup is not None:
+            self.startup.close()
+
     def start_preload(self, source: str | None = None, warm_batches: tuple[int, ...] | None = None) -> Preload:
         """Load ``source`` (the configured base) in a daemon thread, then warm it up at ``warm_batches``
         images (default: the Generate page's default of 4, then 1; see Preload). The page's default
@@ -333,6 +421,9 @@ class Services:
         def work():
             import time
 
+            if self.startup is not None:
+                pre.state = "waiting for the first images"
+                self.wait_for_startup_turn(STARTUP_GRACE_S)
             t0 = time.perf_counter()
             try:
                 pre.state = "loading"
@@ -344,10 +435,12 @@ class Services:
                     self.torch.call(warm_up, model, (b,))
                 pre.detail = describe_model(model)
                 pre.state = "ready"
+                self._close_startup()  # requests now go to this model (the worker finishes one it is making)
                 if self.settings.compile_unet:
                     self.compile_job = start_unet_compile(model, source, warm_batches)
             except Exception as exc:  # shown on the status line; a request then gets the error itself
                 pre.state, pre.detail = "failed", f"{type(exc).__name__}: {exc}"
+                self._close_startup()
             finally:
                 pre.seconds = time.perf_counter() - t0
                 pre.done.set()
@@ -373,17 +466,25 @@ class Services:
 
     def adapter_entries(self, refresh: bool = False) -> list:
         """The registry's scan of checkpoints/ (histolab.adapters.scan), redone when the folder changes."""
-        from histolab.adapters import default_runtime, scan
+        from histolab.adapters import scan_cache
 
         sig = self._signature()
         with self._scan_lock:
             if not refresh and self._scan_cache is not None and self._scan_cache[0] == sig:
                 return self._scan_cache[1]
-            # Loading checks each tensor (shapes, finite values): torch work, done on one thread so that
-            # this one (the page's build, a request) starts no OpenMP team (histolab.torch_worker). Not
-            # on the network thread: the page's build would wait for the preload's model load.
-            with one_thread():
-                entries = scan(self.paths.checkpoints, runtime=default_runtime())
+            # Nothing there, or the last start's scan of the same files: the page's build then needs no torch.
+            entries = (
+                [] if not sig else None if refresh else scan_cache.load(self.paths.checkpoints, sig, self.paths.outputs)
+            )
+            if entries is None:
+                from histolab.adapters import default_runtime, scan
+
+                # Loading checks each tensor (shapes, finite values): torch work, done on one thread so that
+                # this one (the page's build, a request) starts no OpenMP team (histolab.torch_worker). Not
+                # on the network thread: the page's build would wait for the preload's model load.
+                with one_thread():
+                    entries = scan(self.paths.checkpoints, runtime=default_runtime())
+                scan_cache.save(self.paths.checkpoints, sig, entries, self.paths.outputs)
             self._scan_cache = (sig, entries)
             return entries
 

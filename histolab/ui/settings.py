@@ -30,6 +30,9 @@ class AppSettings:
     # HISTOLAB_COMPILE_UNET: after the preload, compile the U-Net ahead of time in a background process (CPU fast
     # path only; about a minute per batch shape, once per machine: histolab.compiled_unet); 0 never does
     compile_unet: bool = True
+    # HISTOLAB_STARTUP_WORKER: with the preload, a second process makes the first images from the start-up bundle
+    # that compile-unet writes (histolab.startup_worker) while this one imports and loads; 0 never starts it
+    startup_worker: bool = True
     # HISTOLAB_MAX_BATCH: images per click; 8 at 25 steps is a few seconds for the embedded model on 2 cores
     max_batch: int = 8
     max_steps: int = 150  # HISTOLAB_MAX_STEPS: beyond ~100 steps the samplers offered add nothing visible
@@ -62,6 +65,7 @@ class AppSettings:
             "dtype": "HISTOLAB_DTYPE",
             "preload": "HISTOLAB_PRELOAD",
             "compile_unet": "HISTOLAB_COMPILE_UNET",
+            "startup_worker": "HISTOLAB_STARTUP_WORKER",
             "max_batch": "HISTOLAB_MAX_BATCH",
             "max_steps": "HISTOLAB_MAX_STEPS",
             "queue_size": "HISTOLAB_QUEUE_SIZE",
