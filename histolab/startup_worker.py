@@ -214,7 +214,10 @@ def warm_up(model: BundleModel, batches: list[int]) -> None:
 
     from histolab.generation import GenerationRequest, generate
 
-    torch.set_num_threads(_threads())
+    # One thread: the app's process is importing gradio on the other core meanwhile, and three busy threads on
+    # two cores slow both. What the warm-up is for (loading the packages, TorchScript's first-run profiling)
+    # does not depend on the thread count; serve() sets the app's count for the images themselves.
+    torch.set_num_threads(1)
     for b in batches:
         req = GenerationRequest(prompt="warm-up", steps=1, batch_size=b).validate(model)
         if not model.declines(req):
