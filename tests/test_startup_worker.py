@@ -198,3 +198,35 @@ def test_no_worker_without_a_bundle_or_when_turned_off(bundle, tmp_path, monkeyp
     assert Services(off, paths).start_startup_worker() is None
     lazy = AppSettings(base=str(folder), preload=False)
     assert Services(lazy, paths).start_startup_worker() is None
+
+
+def test_the_api_serves_the_first_images_from_the_worker(bundle, tmp_path, monkeypatch):
+    """/generate through Gradio (gradio_client), as a Space's first visitor: the worker makes the images,
+    and the PNGs the app returns carry the same pixels and recipe as the app model's own."""
+    from app_testkit import served
+    from gradio_client import Client
+    from PIL import Image
+
+    from histolab.config import Paths
+    from histolab.recipe import read_recipe
+    from histolab.ui.services import Services
+    from histolab.ui.settings import AppSettings
+
+    model, folder, root = bundle
+    monkeypatch.setenv("HISTOLAB_COMPILED_CACHE", str(root))
+    paths = Paths.from_env({"HISTOLAB_DATA_DIR": str(tmp_path / "data")})
+    services = Services(AppSettings(base=str(folder), device="cpu", dtype="bfloat16", compile_unet=False), paths)
+    worker = services.start_startup_worker()
+    services.start_preload()  # waits for the page and for the first images, as in app.py
+    with served(services) as (_, url):
+        args = [folder.name, "prompt", "an h&e stained histology image of skin", "blurry", None]
+        args += ["(none)", 1.0] * 3 + [2, 7.5, "dpmpp_2m_karras", 5, 2, "(none)"]
+        gallery = Client(url, verbose=False).predict(*args, api_name="/generate")[0]
+        assert worker.served == 1 and services.models.loaded(str(folder)) is None
+        services.page_up.set()
+        assert services.preload.done.wait(600) and services.preload.state == "ready"
+    mine = generate(model, req())
+    for item, g in zip(gallery, mine, strict=True):
+        path = item["image"] if isinstance(item["image"], str) else item["image"]["path"]
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(g.image))
+        assert read_recipe(path) == g.recipe
