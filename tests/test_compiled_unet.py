@@ -21,6 +21,12 @@ def req(**kw):
     return GenerationRequest(**{**base, **kw})
 
 
+def startup_bundle_dir(folder, root):
+    from histolab.startup_bundle import bundle_dir
+
+    return bundle_dir(str(folder), "bfloat16", root)
+
+
 def px(images):
     return np.stack([np.asarray(g.image).astype(np.int16) for g in images])
 
@@ -136,6 +142,7 @@ def test_the_builder_process_finds_the_same_packages(built):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "every package was built already" in done.stdout  # nothing was missing
+    assert f"start-up bundle: {startup_bundle_dir(folder, root)}" in done.stdout
     assert sorted(p.name for p in root.glob("*.pt2")) == before
 
 
@@ -145,14 +152,22 @@ def test_the_app_starts_a_compile_only_when_packages_are_missing(built, monkeypa
     model, _, root, folder = built
     started = []
     monkeypatch.setattr(services_module, "CompileJob", lambda argv, log, env: started.append((argv, log, env)) or "job")
-    assert services_module.start_unet_compile(model, str(folder), (2, 1)) is None  # all built
+    from histolab import startup_bundle
+
+    startup_bundle.write(model, str(folder), [model.default_size], root)
+    assert services_module.start_unet_compile(model, str(folder), (2, 1)) is None  # all built, bundle written
     assert services_module.start_unet_compile(model, str(folder), (3,)) == "job"
     argv, log, env = started[0]
     assert argv[argv.index("-m") + 1 :][:2] == ["histolab", "compile-unet"] and argv[argv.index("--batches") + 1] == "3"
     assert argv[argv.index("--cache-dir") + 1] == str(root) and log == root / "build.log"
     assert env["OMP_NUM_THREADS"] == "1"
+    # Packages all there but no start-up bundle (one written before bundles existed): compile-unet writes it.
+    import shutil
+
+    shutil.rmtree(startup_bundle.bundle_dir(str(folder), "bfloat16", root))
+    assert services_module.start_unet_compile(model, str(folder), (2, 1)) == "job" and len(started) == 2
     monkeypatch.setattr(services_module, "AUTO_COMPILE_MAX_PARAMS", 1000)  # an SD 1.5-sized U-Net: not by itself
-    assert services_module.start_unet_compile(model, str(folder), (3,)) is None and len(started) == 1
+    assert services_module.start_unet_compile(model, str(folder), (3,)) is None and len(started) == 2
     f32 = optimize_for_inference(load_base(str(folder)))  # float32: no traced U-Net, nothing to compile
     assert f32.compiled_unets is None and services_module.start_unet_compile(f32, str(folder), (1,)) is None
 

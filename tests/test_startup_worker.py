@@ -174,6 +174,7 @@ def test_the_app_takes_its_first_images_from_the_worker_then_from_its_model(bund
         first = page.run(services, str(folder), req(seed=40))
     assert worker.served == 1 and services.models.loaded(str(folder)) is None
     assert not pre.done.is_set() and pre.state == "waiting for the first images"  # waits for the page
+    assert "First images come from the start-up worker" in services.model_status_line()
     services.page_up.set()
     assert pre.done.wait(600) and pre.state == "ready", pre.detail
     assert worker.state == "closed" and not services.startup_serves(str(folder))
