@@ -130,6 +130,10 @@ def test_build_a_study_rate_it_blind_resume_and_export(env):
                 body = response.body()
                 break
             except Exception as exc:
+                if "Response has been disposed" in str(exc):
+                    # The page navigated (sign-in reloads it) while this request's stream was open: Playwright
+                    # dropped the response, so nothing of it reaches a page, and there is nothing to scan.
+                    return
                 if attempt + 1 == attempts or "ECONNRESET" not in str(exc):
                     raise
         if not gradio_static_file(route.request.url, body):
