@@ -94,3 +94,37 @@ def test_invalid_settings_are_refused_before_a_process_starts(tmp_path):
     with pytest.raises(InvalidRequest, match="no such folder"):
         store.start(JobSpec(out=str(tmp_path / "o"), preset="tiny-lora", data=str(tmp_path / "missing")))
     assert store.list() == [] and not (tmp_path / "o").exists()
+
+
+def test_a_run_writes_its_last_state_before_it_lets_go_of_the_lock(tiny_base_dir, tmp_path, monkeypatch):  # noqa: F811
+    """A reader that finds the lock free and the state "running" takes the run for dead (Job.status). So the
+    run's final state must be on disk before the lock is released, or a reader in between sees a finished
+    (here: cancelled) job as interrupted. Checked at the moment of the unlock itself."""
+    import fcntl
+
+    from histolab.training import jobs
+
+    store = JobStore(tmp_path / "jobs")
+    spec = JobSpec(
+        out=str(tmp_path / "checkpoints" / "fg-lora"),
+        preset="tiny-lora",
+        overrides={**SETTINGS, "epochs": "1"},
+        base=str(tiny_base_dir),
+        data="bundled",
+        device="cpu",
+    )
+    job = store.create(spec)
+    seen = []
+    real_flock = fcntl.flock
+
+    def flock(fd, op):
+        if op == fcntl.LOCK_UN:
+            seen.append(json.loads((job.dir / "status.json").read_text())["state"])
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(jobs.fcntl, "flock", flock)
+    cancel = __import__("threading").Event()
+    cancel.set()  # cancelled at its first step: the quickest way to a final state
+    jobs.run_job(job.dir, echo=lambda line: None, cancel_event=cancel)
+    assert seen == ["cancelled"]
+    assert job.status().state == "cancelled"

@@ -353,6 +353,9 @@ def run_job(folder: Path, *, echo=None, cancel_event: threading.Event | None = N
             device=spec.device,
             log=log,
         )
+        # Its last state before the lock goes: a reader that finds the lock free and the state still "running"
+        # takes the run for dead (Job.status).
+        writer.write({"state": result.status, "message": result.message})
     except HistolabError as exc:
         writer.write({"state": "failed", "message": str(exc)})
         log(f"failed: {exc}", to_terminal=False)  # the caller reports it (the CLI as its one-line error)
@@ -364,7 +367,6 @@ def run_job(folder: Path, *, echo=None, cancel_event: threading.Event | None = N
     finally:
         fcntl.flock(lock_fd, fcntl.LOCK_UN)
         os.close(lock_fd)
-    writer.write({"state": result.status, "message": result.message})
     return result
 
 
