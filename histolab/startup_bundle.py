@@ -65,34 +65,19 @@ def _trace(module_fn, example):
         return torch.jit.trace(module_fn, example, check_trace=False)
 
 
-def _text_module(text_encoder):
-    """``ids -> last hidden state``: what BaseModel.encode_prompt takes from the text encoder."""
+def _traceable(inner, call):
+    """``inner`` as a module whose forward is ``call(inner, x)``: what is traced (one input, one tensor out)."""
     import torch
 
-    class Hidden(torch.nn.Module):
-        def __init__(self, te):
+    class Call(torch.nn.Module):
+        def __init__(self):
             super().__init__()
-            self.te = te
+            self.inner = inner
 
-        def forward(self, ids):
-            return self.te(ids)[0]
+        def forward(self, x):
+            return call(self.inner, x)
 
-    return Hidden(text_encoder).eval()
-
-
-def _decoder_module(vae):
-    """``z -> pixels``: what histolab.generation takes from the VAE."""
-    import torch
-
-    class Decode(torch.nn.Module):
-        def __init__(self, vae):
-            super().__init__()
-            self.vae = vae
-
-        def forward(self, z):
-            return self.vae.decode(z).sample
-
-    return Decode(vae).eval()
+    return Call().eval()
 
 
 def write(model, source: str, sizes: list[int], root: Path | None = None) -> Path | None:
@@ -114,13 +99,13 @@ def write(model, source: str, sizes: list[int], root: Path | None = None) -> Pat
     try:
         tokens = int(model.tokenizer.model_max_length)
         ids = torch.zeros(1, tokens, dtype=torch.long)
-        _trace(_text_module(model.text_encoder), (ids,)).save(str(tmp / TEXT_ENCODER))
+        _trace(_traceable(model.text_encoder, lambda te, ids: te(ids)[0]), (ids,)).save(str(tmp / TEXT_ENCODER))
         decoders = {}
         for size in dict.fromkeys(sizes):
             lat = size // model.vae_scale_factor
             z = torch.zeros(1, int(model.vae.config.latent_channels), lat, lat, dtype=model.dtype)
             name = decoder_file(lat, lat)
-            _trace(_decoder_module(model.vae), (z,)).save(str(tmp / name))
+            _trace(_traceable(model.vae, lambda vae, z: vae.decode(z).sample), (z,)).save(str(tmp / name))
             decoders[f"{lat}x{lat}"] = name
         unet_config = json.loads(json.dumps(dict(model.unet.config), default=str))
         manifest = {
