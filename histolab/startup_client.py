@@ -19,15 +19,11 @@ from histolab.startup_worker import receive, send
 
 
 def bundle_exists(base: str, root: Path | None = None) -> bool:
-    """Whether any start-up bundle was written for ``base`` (cheap: the worker checks it properly)."""
+    """Whether a start-up bundle was written for ``base`` in any dtype (cheap: the worker checks it properly)."""
+    from histolab.precision import DTYPE_NAMES
     from histolab.startup_bundle import MANIFEST, bundle_dir
 
-    folder = bundle_dir(base, "DTYPE", root)
-    prefix = folder.name.removesuffix("DTYPE")
-    try:
-        return any(p.name.startswith(prefix) and (p / MANIFEST).is_file() for p in folder.parent.iterdir())
-    except OSError:
-        return False
+    return any((bundle_dir(base, d, root) / MANIFEST).is_file() for d in DTYPE_NAMES if d != "auto")
 
 
 class StartupWorker:
@@ -44,11 +40,10 @@ class StartupWorker:
         self.state, self.detail, self.seconds = "starting", "", 0.0
         self.served = 0
         self.settled = threading.Event()  # ready or unusable or gone
-        self._turn = threading.Condition()  # notified when a request ends or the worker goes
+        self._turn = threading.Condition()  # notified when a request is served or the worker goes
         self._frames: queue.Queue = queue.Queue()
         self._lock = threading.Lock()  # one request at a time
         self._ids = itertools.count(1)
-        self._busy = False
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
@@ -82,14 +77,11 @@ class StartupWorker:
             self._turn.notify_all()
 
     def wait_turn(self, grace_s: float) -> None:
-        """Block until the app's own model may load without slowing the worker's first images: the
-        worker has answered a request (or ``grace_s`` passed without one, or it is not serving), and
-        none is running now. Two processes running OpenMP teams on the same cores slow each other
-        several times over (histolab.threads), so the load waits for the first visitor's images."""
+        """Block until the worker has answered a request, or ``grace_s`` passed without one, or it is not
+        serving (the app's preload then may start: Services.wait_for_startup_turn)."""
         self.settled.wait()
         with self._turn:
             self._turn.wait_for(lambda: self.served or self.state != "ready", timeout=grace_s)
-            self._turn.wait_for(lambda: not self._busy or self.state != "ready")
 
     def usable(self) -> bool:
         """Waits until the worker is ready or known unusable."""
@@ -107,14 +99,7 @@ class StartupWorker:
         with self._lock:
             if self.state != "ready":
                 return None
-            with self._turn:
-                self._busy = True
-            try:
-                return self._run(fields, progress, cancel)
-            finally:
-                with self._turn:
-                    self._busy = False
-                    self._turn.notify_all()
+            return self._run(fields, progress, cancel)
 
     def _run(self, fields: dict, progress, cancel):
         from histolab.errors import Cancelled, InvalidRequest
@@ -146,8 +131,11 @@ class StartupWorker:
             elif "error" in header:
                 raise (Cancelled if header.get("kind") == "Cancelled" else InvalidRequest)(header["error"])
             else:
-                self.served += 1
-                return _images(header["images"], payloads)
+                images = _images(header["images"], payloads)
+                with self._turn:
+                    self.served += 1
+                    self._turn.notify_all()
+                return images
 
     def _send(self, header: dict) -> bool:
         try:

@@ -158,7 +158,8 @@ def run(
         raise ModelNotFound(problem)
     if dtype is None and on_latents is None and services.startup_serves(source):
         # Its model is still loading: the start-up worker makes the images, the same bits, when it can.
-        images = services.startup.generate(request, progress=progress, cancel=cancel)
+        with services.visitor_request():  # nested in on_generate's; for callers without it
+            images = services.startup.generate(request, progress=progress, cancel=cancel)
         if images is not None:
             return images
     model = services.model(source, dtype)

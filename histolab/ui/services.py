@@ -375,8 +375,8 @@ class Services:
 
     def wait_for_startup_turn(self, grace_s: float) -> None:
         """With a start-up worker: block until the page is up, the worker has made a visitor's images (or
-        ``grace_s`` passed without a visitor, or it is not serving), and no visitor's generation is in
-        flight. The preload then starts: its imports hold the GIL that the delivery of a result needs, and
+        ``grace_s`` passed without a visitor, or it is not serving), and no visitor's generation (the worker's
+        included) is in flight. The preload then starts: its imports hold the GIL that the delivery of a result needs, and
         its loading competes for the cores with the worker (histolab.threads: OpenMP teams of two processes
         on the same cores slow each other several times over)."""
         import time
